@@ -1,0 +1,18 @@
+"""SKIP: the hidden state leaving the block stack is read from its cache; the blocks become dead."""
+from __future__ import annotations
+
+from .layout import VariantContext
+
+__all__ = ["skip_stack"]
+
+
+def skip_stack(ctx: VariantContext) -> None:
+    if not ctx.skip_stack:
+        return
+    blocks = set(ctx.sitemap.blocks)
+    nodes = ctx.nodes()
+    for i, name in enumerate(ctx.sitemap.stack_outputs):
+        out = nodes[name]
+        cache = ctx.cache_nodes[f"stack:{i}"]
+        # Only consumers outside the stack switch to the cache; inside uses die with the blocks.
+        out.replace_all_uses_with(cache, delete_user_cb=lambda u: ctx.block_of(u) not in blocks)

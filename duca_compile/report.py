@@ -1,0 +1,84 @@
+"""What a compiled model did (``stats``) and how its graphs were rewritten (``explain``)."""
+from __future__ import annotations
+
+import torch
+
+from .runtime import state_of
+
+__all__ = ["stats", "explain"]
+
+_HEAVY = {"linear": (torch._C._nn.linear, torch.ops.aten.linear.default, torch.ops.aten.addmm.default,
+                     torch.ops.aten.mm.default),
+          "sdpa": (torch.nn.functional.scaled_dot_product_attention,
+                   torch.ops.aten.scaled_dot_product_attention.default),
+          "gather": (torch.ops.aten.gather.default,),
+          "scatter": (torch.ops.aten.scatter_.src,),
+          "cache_write": (torch.ops.aten.copy_.default,)}
+
+
+def _require(model):
+    st = state_of(model)
+    if st is None:
+        raise ValueError("model was not compiled with the duca backend, or has not been called yet")
+    return st
+
+
+def stats(model) -> dict:
+    """Calls per mode, tokens computed, requests seen, cache hits, resets and compile time."""
+    st = _require(model)
+    out = st.stats.as_dict()
+    out["config"] = st.config
+    out["token_ratio"] = out["tokens_computed"] / out["tokens_total"] if out["tokens_total"] else 1.0
+    return out
+
+
+def count_ops(gm) -> dict:
+    """How many heavy ops (linear, SDPA), gathers, scatters and cache writes a graph contains."""
+    counts = {k: 0 for k in _HEAVY}
+    for n in gm.graph.nodes:
+        for k, targets in _HEAVY.items():
+            if n.op == "call_function" and n.target in targets:
+                counts[k] += 1
+    return counts
+
+
+def explain(model, as_text: bool = True):
+    """Blocks and branch sites found in each graph, and the ops of each variant built so far."""
+    st = _require(model)
+    graphs = []
+    for ref in st.runners:
+        runner = ref()
+        if runner is None:
+            continue
+        graphs.append({
+            "blocks": list(runner.sitemap.blocks),
+            "sites": [{"name": s.name, "kind": s.kind, "outputs": len(s.outputs), "tokens": s.tokens,
+                       "subset": s.subsettable or s.subset_reason} for s in runner.sitemap.sites],
+            "stack_outputs": list(runner.sitemap.stack_outputs),
+            "variants": {_variant_name(k): count_ops(g) for k, g in runner.variant_graphs.items()},
+        })
+    if not as_text:
+        return graphs
+    lines = [f"duca: {st.config!r}"]
+    for i, g in enumerate(graphs):
+        lines.append(f"graph {i}: {len(g['blocks'])} blocks, {len(g['sites'])} sites, "
+                     f"stack output {g['stack_outputs']}")
+        for s in g["sites"]:
+            sub = "subset ok" if s["subset"] is True else f"no subset: {s['subset']}"
+            lines.append(f"  {s['name']:45s} {s['kind']:10s} tokens={s['tokens']} ({sub})")
+        for name, ops in g["variants"].items():
+            lines.append(f"  variant {name:20s} " + " ".join(f"{k}={v}" for k, v in ops.items()))
+    return "\n".join(lines)
+
+
+def _variant_name(key) -> str:
+    skip, actions = key
+    if skip:
+        return "SKIP"
+    kinds = {a if isinstance(a, str) else "subset" for _, a in actions}
+    if kinds == {"compute"}:
+        return "FULL"
+    if kinds == {"reuse"}:
+        return "REUSE"
+    ks = sorted({a for _, a in actions if isinstance(a, int)})
+    return f"SUBSET(k={','.join(map(str, ks))})"

@@ -1,0 +1,297 @@
+"""Run-time side of the backend: per-model state, step/request tracking, caches and dispatch.
+
+Nothing here is traced. Each call the runner asks the policy for the step's plan, picks (or
+lazily builds) the matching compiled variant, and passes it the caches and token indices as
+extra inputs, so changing mode never recompiles.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+import weakref
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+
+from .policies import CacheConfig, Mode, StepPlan, make_policy
+
+__all__ = ["ModelState", "GraphRunner", "Stats", "state_of", "sampling", "reset"]
+
+# id(first parameter) -> (weakref to it, state). Tensors compare elementwise, so no WeakKeyDictionary.
+_STATES: dict[int, tuple[weakref.ref, "ModelState"]] = {}
+
+
+def _lookup(param: torch.Tensor) -> "ModelState | None":
+    entry = _STATES.get(id(param))
+    return entry[1] if entry is not None and entry[0]() is param else None
+
+
+@dataclass
+class Stats:
+    requests: int = 0
+    calls: int = 0
+    steps: Counter = field(default_factory=Counter)        # mode name -> calls run in that mode
+    tokens_computed: int = 0     # summed over sites: N per computed site, k per SUBSET site
+    tokens_total: int = 0        # what an uncached model would have computed
+    cache_hits: int = 0          # site (or stack) outputs read from a cache instead of computed
+    shape_resets: int = 0        # caches dropped because batch, resolution or dtype changed
+    fallback_calls: int = 0      # calls run FULL because no step could be tracked
+    variants_compiled: int = 0
+    compile_seconds: float = 0.0
+
+    def as_dict(self) -> dict:
+        d = dict(self.__dict__)
+        d["steps"] = {m.value: self.steps.get(m.value, 0) for m in Mode}
+        return d
+
+
+class TimestepTracker:
+    """Turns the sequence of timestep values into (new request?, step, slot).
+
+    A new value is a new step; the same value again is another pass of the same step (its own
+    cache slot, e.g. separate cond/uncond calls); a value seen before in this request, or one
+    that reverses the direction of the sequence, starts a new request.
+    """
+
+    def __init__(self):
+        self.seen: list[float] = []
+        self.slot = 0
+
+    def observe(self, t: float) -> tuple[bool, int, int]:
+        if self.seen and t == self.seen[-1]:
+            self.slot += 1
+            return False, len(self.seen) - 1, self.slot
+        restart = not self.seen or t in self.seen
+        if len(self.seen) >= 2:
+            direction = self.seen[-1] - self.seen[-2]
+            restart |= (t - self.seen[-1]) * direction < 0
+        if restart:
+            self.seen = []
+        self.seen.append(t)
+        self.slot = 0
+        return restart, len(self.seen) - 1, 0
+
+
+class ModelState:
+    """Caching state of one compiled model, shared by every graph Dynamo makes from it."""
+
+    def __init__(self, config: CacheConfig):
+        self.config = config
+        self.policy = make_policy(config)
+        self.stats = Stats()
+        self.tracker = TimestepTracker()
+        self.epoch = 0               # caches written under another epoch are invalid
+        self.step, self.slot = 0, 0
+        self.num_steps: int | None = None
+        self.explicit: "_Sampling | None" = None
+        self.shape_keys: dict[int, tuple] = {}
+        self.runners: list[weakref.ref] = []
+        self.step_indices: dict[str, torch.Tensor] = {}
+        self.generators: dict[torch.device, torch.Generator] = {}
+        self.warned: set[str] = set()
+        self.last_indices: dict[str, torch.Tensor] = {}
+        self.last_plan: StepPlan | None = None
+
+    def new_request(self) -> None:
+        self.epoch += 1
+        self.stats.requests += 1
+        self.step, self.slot = 0, 0
+        self.step_indices = {}
+        for g in self.generators.values():
+            g.manual_seed(self.config.seed)
+
+    def reset(self) -> None:
+        """Drop every cache; the next call starts a new request."""
+        self.epoch += 1
+        self.tracker = TimestepTracker()
+        self.step, self.slot = 0, 0
+
+    def advance(self, t: float | None) -> bool:
+        """Move to the call's (step, slot); False when the step cannot be known."""
+        if self.explicit is not None:
+            i = self.explicit.calls
+            self.explicit.calls += 1
+            if i == 0:
+                self.new_request()
+            self.step, self.slot = divmod(i, self.explicit.calls_per_step)
+            self.num_steps = self.explicit.num_steps
+            return True
+        if t is None:
+            return False
+        restart, step, slot = self.tracker.observe(t)
+        if restart:
+            self.new_request()
+        self.step, self.slot = step, slot
+        return True
+
+    def generator(self, device: torch.device) -> torch.Generator:
+        if device not in self.generators:
+            g = torch.Generator(device=device)
+            g.manual_seed(self.config.seed)
+            self.generators[device] = g
+        return self.generators[device]
+
+    def select_tokens(self, site: str, batch: int, tokens: int, k: int, device) -> torch.Tensor:
+        """Random ``[batch, k]`` token indices, on the device; shared by every pass of a step."""
+        idx = self.step_indices.get(site)
+        if idx is not None and idx.shape == (batch, k) and self.slot > 0:
+            return idx
+        half = batch // 2 if self.config.share_cfg_indices and batch % 2 == 0 and batch > 1 else batch
+        scores = torch.rand(half, tokens, generator=self.generator(torch.device(device)), device=device)
+        idx = scores.topk(k, dim=1).indices
+        if half != batch:
+            idx = torch.cat([idx, idx])
+        self.step_indices[site] = idx
+        return idx
+
+    def warn_once(self, key: str, message: str) -> None:
+        if key not in self.warned:
+            self.warned.add(key)
+            import warnings
+            warnings.warn(message, stacklevel=3)
+
+
+def state_of(model) -> ModelState | None:
+    """The caching state of a compiled model (or of its original module)."""
+    module = getattr(model, "_orig_mod", model)
+    for p in module.parameters() if isinstance(module, torch.nn.Module) else ():
+        st = _lookup(p)
+        if st is not None:
+            return st
+    return None
+
+
+def attach_state(first_param: torch.Tensor, config: CacheConfig) -> ModelState:
+    st = _lookup(first_param)
+    if st is None or st.config != config:
+        st = ModelState(config)
+        key = id(first_param)
+        _STATES[key] = (weakref.ref(first_param, lambda _, key=key: _STATES.pop(key, None)), st)
+    return st
+
+
+@dataclass
+class _Sampling:
+    num_steps: int | None
+    calls_per_step: int
+    calls: int = 0
+
+
+@contextlib.contextmanager
+def sampling(model, num_steps: int | None = None, calls_per_step: int = 1):
+    """Explicit step tracking: inside, the k-th call is step ``k // calls_per_step``; the timestep
+    is never read (no device-to-host copy). Entering starts a new request.
+
+    Example:
+        with duca_compile.sampling(fast, num_steps=len(scheduler.timesteps)):
+            for t in scheduler.timesteps: ...
+    """
+    if calls_per_step < 1:
+        raise ValueError(f"calls_per_step must be >= 1, got {calls_per_step!r}")
+    if num_steps is not None and num_steps < 1:
+        raise ValueError(f"num_steps must be >= 1, got {num_steps!r}")
+    st = state_of(model)
+    if st is None:
+        raise ValueError("model has not been compiled with the duca backend yet: call it once first, "
+                         "or enter sampling() after the first call")
+    st.explicit = _Sampling(num_steps, calls_per_step)
+    try:
+        yield st
+    finally:
+        st.explicit = None
+        st.reset()
+
+
+def reset(model) -> None:
+    """Drop a compiled model's caches by hand (normally automatic)."""
+    st = state_of(model)
+    if st is not None:
+        st.reset()
+
+
+class GraphRunner:
+    """The callable handed back to Dynamo for one graph: dispatches each call to a variant."""
+
+    def __init__(self, state, sitemap, layout, build, piece_key, timestep_index, user_indices):
+        self.state, self.sitemap, self.layout = state, sitemap, layout
+        self.build = build                  # (actions, skip) -> compiled callable
+        self.piece_key, self.timestep_index, self.user_indices = piece_key, timestep_index, user_indices
+        self.variants: dict[tuple, object] = {}
+        self.variant_graphs: dict[tuple, object] = {}
+        self.caches: dict[int, list[torch.Tensor]] = {}
+        self.valid_epoch: dict[int, int] = {}
+        self.n_outputs = None
+        state.runners.append(weakref.ref(self))
+
+    def _shape_key(self, args) -> tuple:
+        return tuple((tuple(args[i].shape), args[i].dtype) if isinstance(args[i], torch.Tensor) else args[i]
+                     for i in self.user_indices)
+
+    def _timestep(self, args) -> float | None:
+        if self.timestep_index is None:
+            return None
+        t = args[self.timestep_index]
+        return float(t.reshape(-1)[0]) if isinstance(t, torch.Tensor) else float(t)
+
+    def _slot_caches(self, slot: int) -> list[torch.Tensor]:
+        if slot not in self.caches:  # allocated once per slot and shape, then written in place
+            self.caches[slot] = [torch.zeros(c.shape, dtype=c.dtype, device=c.device) for c in self.layout.caches]
+        return self.caches[slot]
+
+    def variant(self, actions: dict, skip: bool):
+        key = (skip, tuple(sorted(actions.items())) if not skip else ())
+        fn = self.variants.get(key)
+        if fn is None:
+            start = time.perf_counter()
+            fn = self.variants[key] = self.build(actions, skip)
+            self.state.stats.variants_compiled += 1
+            self.state.stats.compile_seconds += time.perf_counter() - start
+        return fn
+
+    def __call__(self, *args):
+        st = self.state
+        shape_key = self._shape_key(args)
+        if st.shape_keys.get(self.piece_key, shape_key) != shape_key:
+            st.stats.shape_resets += 1
+            st.epoch += 1                      # never mix caches of two shapes
+        st.shape_keys[self.piece_key] = shape_key
+        tracked = st.advance(self._timestep(args))
+        plan = st.policy.plan(st.step, st.num_steps) if tracked else StepPlan(Mode.FULL)
+        if not tracked:
+            st.stats.fallback_calls += 1
+            st.warn_once("untracked", "duca: this graph has no timestep input and no duca_compile.sampling() "
+                         "context is active, so every call runs FULL (no caching)")
+        if self.valid_epoch.get(st.slot) != st.epoch:
+            plan = StepPlan(Mode.FULL)         # nothing valid to reuse yet in this request
+        actions, skip = plan.actions(self.sitemap.sites)
+        caches = self._slot_caches(st.slot)
+        indices = []
+        for spec in self.layout.index_specs(actions):
+            site = next(s for s in self.sitemap.sites if s.name == spec.site)
+            indices.append(st.select_tokens(site.name, spec.shape[0], site.tokens[0], spec.shape[1], spec.device))
+        st.last_indices = {spec.site: idx for spec, idx in zip(self.layout.index_specs(actions), indices)}
+        st.last_plan = plan
+        out = self.variant(actions, skip)(*args, *caches, *indices)
+        if plan.mode is Mode.FULL:
+            self.valid_epoch[st.slot] = st.epoch
+        self._count(plan, actions, skip)
+        return out
+
+    def _count(self, plan, actions, skip) -> None:
+        s = self.state.stats
+        s.calls += 1
+        s.steps[plan.mode.value] += 1
+        for site in self.sitemap.sites:
+            n = sum(site.tokens)
+            s.tokens_total += n
+            a = actions[site.name]
+            if skip or a == "reuse":
+                s.cache_hits += 1
+            elif a == "compute":
+                s.tokens_computed += n
+            else:
+                s.cache_hits += 1          # the rows not recomputed come from the cache
+                s.tokens_computed += a
+        if skip:
+            s.cache_hits += 1              # the stack output itself
