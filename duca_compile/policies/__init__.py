@@ -2,6 +2,7 @@
 from .base import POLICIES, CacheConfig, CachePolicy, Mode, StepPlan, make_policy, register_policy
 from .duca import DuCaConfig, DuCaPolicy
 from .fora import FORAConfig, FORAPolicy
+from .scripted import ScriptedConfig, ScriptedPolicy
 
 __all__ = ["POLICIES", "CacheConfig", "CachePolicy", "Mode", "StepPlan", "make_policy", "register_policy",
-           "DuCaConfig", "DuCaPolicy", "FORAConfig", "FORAPolicy"]
+           "DuCaConfig", "DuCaPolicy", "FORAConfig", "FORAPolicy", "ScriptedConfig", "ScriptedPolicy"]

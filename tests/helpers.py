@@ -1,0 +1,36 @@
+"""Shared test helpers: compile a tiny model with the duca backend and check it against the oracle."""
+from __future__ import annotations
+
+import torch
+
+from duca_compile import duca_backend
+from duca_compile.reference import ReferenceCache
+from duca_compile.runtime import state_of
+from duca_compile.tiny import make_inputs, make_model
+
+FAMILIES = ["dit", "pixart", "flux"]
+
+
+def compile_tiny(family, config, inner="eager", seed=0, **model_kw):
+    model = make_model(family, seed=seed, **model_kw)
+    fast = torch.compile(model, backend=duca_backend(config, inner=inner), fullgraph=True, dynamic=False)
+    return model, fast
+
+
+def timesteps(n, start=900.0, stop=100.0):
+    return [start - i * (start - stop) / max(n - 1, 1) for i in range(n)]
+
+
+def run_against_oracle(family, model, fast, ts, batch=2, atol=1e-5, input_seed=0):
+    """Run every timestep through both; return the modes run. Asserts closeness at each step."""
+    oracle, modes = None, []
+    for i, t in enumerate(ts):
+        kw = make_inputs(family, model, batch=batch, timestep=t, seed=input_seed + i)
+        out = fast(**kw)[0]
+        st = state_of(fast)
+        oracle = oracle or ReferenceCache.from_compiled(model, fast)
+        ref = oracle(st.last_plan.mode, st.last_indices, slot=st.slot, **kw)[0]
+        torch.testing.assert_close(out, ref, atol=atol, rtol=1e-4,
+                                   msg=lambda m: f"step {i} ({st.last_plan.mode.value}): {m}")
+        modes.append(st.last_plan.mode.value)
+    return modes

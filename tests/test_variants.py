@@ -1,0 +1,63 @@
+"""Graph-level checks: what each variant must and must not contain."""
+import pytest
+
+from duca_compile import ScriptedConfig
+from duca_compile.passes.find_sites import module_path
+from duca_compile.report import count_ops
+from duca_compile.runtime import state_of
+from duca_compile.tiny import make_inputs
+
+from helpers import FAMILIES, compile_tiny, timesteps
+
+RATIO = 0.5
+
+
+def _variants(family):
+    model, fast = compile_tiny(family, ScriptedConfig(modes=("full", "reuse", "skip", "subset"), ratio=RATIO))
+    for t in timesteps(4):
+        fast(**make_inputs(family, model, timestep=t))
+    runner = state_of(fast).runners[0]()
+    by_name = {}
+    from duca_compile.report import _variant_name
+    for key, gm in runner.variant_graphs.items():
+        by_name[_variant_name(key).split("(")[0]] = gm
+    return runner, by_name
+
+
+def _inside(gm, prefixes):
+    return [n for n in gm.graph.nodes if n.op in ("call_function", "call_method")
+            and any(module_path(n) == p or module_path(n).startswith(p + ".") for p in prefixes)]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_variant_contents(family):
+    runner, v = _variants(family)
+    assert set(v) == {"FULL", "REUSE", "SKIP", "SUBSET"}
+    sites = runner.sitemap.sites
+    site_names = [s.name for s in sites]
+    n_caches = sum(len(s.outputs) for s in sites) + len(runner.sitemap.stack_outputs)
+
+    full = count_ops(v["FULL"])
+    assert full["cache_write"] == n_caches            # FULL writes every cache...
+    written = [n.args[0].name for n in v["FULL"].graph.nodes if n.op == "call_function"
+               and n.target.__name__ == "copy_.default"]
+    assert len(set(written)) == n_caches               # ...each exactly once
+    assert full["sdpa"] >= sum(s.kind != "ff" for s in sites)
+
+    reuse = count_ops(v["REUSE"])
+    assert reuse["sdpa"] == 0 and not _inside(v["REUSE"], site_names)   # branch computation gone
+    assert reuse["cache_write"] == len(runner.sitemap.stack_outputs)
+    assert reuse["linear"] < full["linear"]
+
+    skip = count_ops(v["SKIP"])
+    assert skip["sdpa"] == 0 and skip["cache_write"] == 0 and not _inside(v["SKIP"], site_names)
+    assert skip["linear"] < reuse["linear"] or family == "dit"
+
+    subset = count_ops(v["SUBSET"])
+    subsettable = [s for s in sites if s.subsettable]
+    assert subset["gather"] == subset["scatter"] == len(subsettable) > 0
+    assert subset["sdpa"] == sum(s.kind == "cross_attn" for s in sites)   # self-attention reused
+    index_shapes = sorted(tuple(n.meta["example_value"].shape) for n in v["SUBSET"].graph.nodes
+                          if n.op == "placeholder" and n.name.startswith("duca_index"))
+    assert index_shapes == sorted((runner.layout.batch, int(RATIO * s.tokens[0])) for s in subsettable)
+    assert not _inside(v["SUBSET"], [s.name for s in sites if not s.subsettable])
