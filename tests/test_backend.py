@@ -1,0 +1,253 @@
+"""Backend behaviour: exactness, no recompiles, caches that hit, request/shape tracking, bad input."""
+import warnings
+
+import pytest
+import torch
+
+import duca_compile
+from duca_compile import DuCaConfig, FORAConfig, ScriptedConfig, duca_backend
+from duca_compile.runtime import state_of
+from duca_compile.tiny import make_inputs, make_model
+
+from helpers import FAMILIES, compile_tiny, run_against_oracle, timesteps
+
+ALL_MODES = ("full", "subset", "skip", "reuse")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_full_only_equals_plain_model(family):
+    model, fast = compile_tiny(family, FORAConfig(interval=1))
+    for i, t in enumerate(timesteps(4)):
+        kw = make_inputs(family, model, timestep=t, seed=i)
+        torch.testing.assert_close(fast(**kw)[0], model(**kw)[0], atol=1e-6, rtol=1e-5)
+    assert duca_compile.stats(fast)["steps"] == {"full": 4, "reuse": 0, "skip": 0, "subset": 0}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_no_recompiles_across_requests_and_modes(family):
+    model, fast = compile_tiny(family, ScriptedConfig(modes=ALL_MODES, ratio=0.3))
+    ts = timesteps(10)
+    fast(**make_inputs(family, model, timestep=ts[0]))          # the one compile
+    with torch.compiler.set_stance("fail_on_recompile"):
+        for request in range(2):
+            for t in ts[1 - request:]:
+                fast(**make_inputs(family, model, timestep=t, seed=request))
+    s = duca_compile.stats(fast)
+    assert s["requests"] == 2 and s["calls"] == 20
+    assert all(s["steps"][m] > 0 for m in ALL_MODES)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_caches_hit_and_change_the_output(family):
+    model, fast = compile_tiny(family, DuCaConfig(interval=3, ratio=0.25))
+    outs = []
+    for t in timesteps(6):
+        kw = make_inputs(family, model, timestep=t)
+        outs.append((fast(**kw)[0], model(**kw)[0]))
+    s = duca_compile.stats(fast)
+    assert s["steps"] == {"full": 2, "reuse": 0, "skip": 2, "subset": 2}   # F C A F C A
+    assert s["cache_hits"] > 0 and s["tokens_computed"] < s["tokens_total"]
+    for step, (out, plain) in enumerate(outs):
+        same = torch.allclose(out, plain, atol=1e-6)
+        assert same == (step % 3 == 0), f"step {step}: cached output {'equals' if same else 'differs from'} FULL"
+
+
+def test_same_seed_same_outputs_across_requests():
+    model, fast = compile_tiny("pixart", DuCaConfig(interval=3, ratio=0.3, seed=7))
+    runs = [[fast(**make_inputs("pixart", model, timestep=t))[0] for t in timesteps(5)] for _ in range(2)]
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+    assert duca_compile.stats(fast)["requests"] == 2
+
+
+def test_seed_changes_the_selected_tokens():
+    picks = []
+    for seed in (0, 1):
+        torch._dynamo.reset()
+        model, fast = compile_tiny("dit", DuCaConfig(interval=3, ratio=0.25, seed=seed))
+        for t in timesteps(2):
+            fast(**make_inputs("dit", model, timestep=t))
+        picks.append(state_of(fast).last_indices["transformer_blocks.0.ff"])
+    assert not torch.equal(*picks)
+
+
+@pytest.mark.parametrize("share", [True, False])
+def test_cfg_halves_share_indices(share):
+    model, fast = compile_tiny("dit", DuCaConfig(interval=3, ratio=0.5, share_cfg_indices=share, seed=3))
+    for t in timesteps(2):
+        fast(**make_inputs("dit", model, batch=4, timestep=t))
+    idx = state_of(fast).last_indices["transformer_blocks.1.ff"]
+    assert idx.shape == (4, 8)
+    assert torch.equal(idx[:2], idx[2:]) == share
+
+
+def test_separate_cond_uncond_passes_get_their_own_slots():
+    model, fast = compile_tiny("pixart", ScriptedConfig(modes=ALL_MODES, ratio=0.4))
+    from duca_compile.reference import ReferenceCache
+    oracle = None
+    for i, t in enumerate(timesteps(5)):
+        for slot in range(2):  # cond then uncond, same timestep
+            kw = make_inputs("pixart", model, timestep=t, seed=10 * i + slot)
+            out = fast(**kw)[0]
+            st = state_of(fast)
+            assert st.slot == slot and st.step == i
+            oracle = oracle or ReferenceCache.from_compiled(model, fast)
+            ref = oracle(st.last_plan.mode, st.last_indices, slot=slot, **kw)[0]
+            torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
+    assert duca_compile.stats(fast)["requests"] == 1
+
+
+def test_explicit_sampling_context_does_not_read_timesteps():
+    model, fast = compile_tiny("dit", FORAConfig(interval=2))
+    kw = make_inputs("dit", model, timestep=500.0)
+    fast(**kw)
+    with duca_compile.sampling(fast, num_steps=4) as st:
+        modes = []
+        for _ in range(4):
+            fast(**kw)                                     # same timestep every call: still 4 steps
+            modes.append(st.last_plan.mode.value)
+    assert modes == ["full", "reuse", "full", "reuse"]
+    with pytest.raises(ValueError, match="calls_per_step"):
+        with duca_compile.sampling(fast, calls_per_step=0):
+            pass
+
+
+def test_restarting_timesteps_start_a_new_request_and_reset():
+    model, fast = compile_tiny("dit", FORAConfig(interval=10))
+    first = [fast(**make_inputs("dit", model, timestep=t))[0] for t in timesteps(3)]
+    second = [fast(**make_inputs("dit", model, timestep=t))[0] for t in timesteps(3)]
+    assert duca_compile.stats(fast)["requests"] == 2
+    assert duca_compile.stats(fast)["steps"]["full"] == 2
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+    duca_compile.reset(fast)
+    fast(**make_inputs("dit", model, timestep=100.0))
+    assert duca_compile.stats(fast)["steps"]["full"] == 3
+
+
+@pytest.mark.parametrize("change", ["batch", "resolution", "dtype"])
+def test_shape_or_dtype_change_mid_request_resets_caches(change):
+    model, fast = compile_tiny("dit", FORAConfig(interval=100))
+    ts = timesteps(6)
+    fast(**make_inputs("dit", model, timestep=ts[0]))
+    fast(**make_inputs("dit", model, timestep=ts[1]))                        # REUSE
+    kw = make_inputs("dit", model, timestep=ts[2], batch=3 if change == "batch" else 2)
+    if change == "resolution":
+        kw["hidden_states"] = torch.randn(2, 4, 4, 4)
+    if change == "dtype":
+        model.double()
+        kw = {k: v.double() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in kw.items()}
+    out = fast(**kw)[0]
+    torch.testing.assert_close(out, model(**kw)[0], atol=1e-6, rtol=1e-5)   # ran FULL, nothing mixed
+    s = duca_compile.stats(fast)
+    assert s["shape_resets"] == 1 and s["steps"] == {"full": 2, "reuse": 1, "skip": 0, "subset": 0}
+    if change == "dtype":
+        model.float()
+    back = make_inputs("dit", model, timestep=ts[3])
+    torch.testing.assert_close(fast(**back)[0], model(**back)[0], atol=1e-6, rtol=1e-5)  # old caches dropped
+    assert duca_compile.stats(fast)["shape_resets"] == 2
+
+
+def test_string_backend_with_options_and_entry_point():
+    from importlib.metadata import entry_points
+
+    assert any(ep.name == "duca" for ep in entry_points(group="torch_dynamo_backends"))
+    model = make_model("dit")
+    fast = torch.compile(model, backend="duca", options={"config": FORAConfig(interval=2), "inner": "eager"})
+    for t in timesteps(2):
+        fast(**make_inputs("dit", model, timestep=t))
+    s = duca_compile.stats(fast)
+    assert s["config"] == FORAConfig(interval=2) and s["steps"]["reuse"] == 1
+
+
+def test_bare_backend_uses_duca_defaults():
+    model = make_model("dit")
+    fast = torch.compile(model, backend=lambda gm, ex: duca_backend(gm, ex, options={"inner": "eager"}))
+    fast(**make_inputs("dit", model))
+    assert duca_compile.stats(fast)["config"] == DuCaConfig()
+
+
+def test_two_compiled_models_never_share_caches():
+    m1, f1 = compile_tiny("dit", FORAConfig(interval=3), seed=1)
+    m2, f2 = compile_tiny("dit", FORAConfig(interval=3), seed=2)
+    for t in timesteps(3):
+        kw = make_inputs("dit", m1, timestep=t)
+        f1(**kw)
+        f2(**kw)
+    assert state_of(f1) is not state_of(f2)
+    assert duca_compile.stats(f1)["calls"] == duca_compile.stats(f2)["calls"] == 3
+
+
+@pytest.mark.parametrize("bad, field", [
+    (lambda: FORAConfig(interval=0), "interval"),
+    (lambda: DuCaConfig(ratio=1.5), "ratio"),
+    (lambda: DuCaConfig(interval=-2), "interval"),
+    (lambda: DuCaConfig(selection="attention-map"), "selection"),
+    (lambda: ScriptedConfig(modes=("full", "fast")), "modes"),
+    (lambda: duca_backend("fora"), "config"),
+    (lambda: duca_backend(FORAConfig(), inner="tensorrt"), "inner"),
+])
+def test_bad_config_raises_value_error_naming_the_field(bad, field):
+    with pytest.raises(ValueError, match=field):
+        bad()
+
+
+class _PlainMLP(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.GELU(), torch.nn.Linear(8, 8))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def test_model_without_blocks_warns_and_runs_plainly():
+    model = _PlainMLP().eval()
+    fast = torch.compile(model, backend=duca_backend(inner="eager"))
+    x = torch.randn(3, 8)
+    with pytest.warns(UserWarning, match="no caching for this graph.*no residual branch"):
+        out = fast(x)
+    torch.testing.assert_close(out, model(x))
+
+
+def test_grad_mode_and_dynamic_shapes_fall_back_with_a_warning():
+    model = make_model("dit")
+    kw = make_inputs("dit", model)
+    with torch.enable_grad():
+        fast = torch.compile(model, backend=duca_backend(inner="eager"))
+        with pytest.warns(UserWarning, match="grad mode"):
+            fast(**kw)
+    torch._dynamo.reset()
+    fast = torch.compile(model, backend=duca_backend(inner="eager"), dynamic=True)
+    with pytest.warns(UserWarning, match="dynamic=False"):
+        torch.testing.assert_close(fast(**kw)[0], model(**kw)[0])
+
+
+class _WithGraphBreak(torch.nn.Module):
+    """A user wrapper whose own code breaks the graph before calling the transformer."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, hidden_states, timestep, class_labels):
+        print("host-side logging")        # a graph break
+        return self.inner(hidden_states, timestep=timestep, class_labels=class_labels, return_dict=False)
+
+
+def test_graph_breaks_still_cache_per_piece():
+    inner = make_model("dit")
+    wrapper = _WithGraphBreak(inner).eval()
+    fast = torch.compile(wrapper, backend=duca_backend(ScriptedConfig(modes=ALL_MODES), inner="eager"))
+    from duca_compile.reference import ReferenceCache
+    oracle = None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for i, t in enumerate(timesteps(5)):
+            kw = make_inputs("dit", inner, timestep=t, seed=i)
+            kw.pop("return_dict")
+            out = fast(**kw)[0]
+            st = state_of(fast)
+            oracle = oracle or ReferenceCache.from_compiled(wrapper, fast)
+            ref = oracle(st.last_plan.mode, st.last_indices, **kw)[0]
+            torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
+    assert all(duca_compile.stats(fast)["steps"][m] > 0 for m in ALL_MODES)
