@@ -48,7 +48,7 @@ class DuCaBackend:
         options = {**self.options, **(options or {})}
         config = options.pop("config", self.config)
         inner = options.pop("inner", self.inner)
-        if options.get("config") is not None or not isinstance(config, CacheConfig):
+        if not isinstance(config, CacheConfig):
             raise ValueError(f"options['config'] must be a CacheConfig, got {type(config).__name__}")
         compile_variant = _inner_compiler(inner, mode or self.mode, options)
 
@@ -76,8 +76,7 @@ class DuCaBackend:
             variant = build_variant(gm, sitemap, layout, actions, skip, fake_mode)
             extra = [torch.zeros(c.shape, dtype=c.dtype, device=c.device) for c in layout.caches]
             extra += [torch.zeros(s.shape, dtype=torch.int64, device=s.device) for s in layout.index_specs(actions)]
-            runner.variant_graphs[(skip, tuple(sorted(actions.items())) if not skip else ())] = variant
-            return compile_variant(variant, [*_real(example_inputs), *extra])
+            return compile_variant(variant, [*example_inputs, *extra]), variant
 
         runner = GraphRunner(state, sitemap, layout, build, piece_key=id(params[0]),
                              timestep_index=ts[0] if ts else None, user_indices=user)
@@ -113,10 +112,6 @@ def _unsupported(gm: fx.GraphModule, example_inputs) -> str:
     if torch.is_grad_enabled():
         return "grad mode is on: run the model under torch.no_grad() or torch.inference_mode()"
     return ""
-
-
-def _real(example_inputs):
-    return list(example_inputs)
 
 
 def _inner_compiler(inner: str, mode: str | None, options: dict):

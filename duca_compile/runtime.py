@@ -215,7 +215,7 @@ class GraphRunner:
 
     def __init__(self, state, sitemap, layout, build, piece_key, timestep_index, user_indices):
         self.state, self.sitemap, self.layout = state, sitemap, layout
-        self.build = build                  # (actions, skip) -> compiled callable
+        self.build = build                  # (actions, skip) -> (compiled callable, variant GraphModule)
         self.piece_key, self.timestep_index, self.user_indices = piece_key, timestep_index, user_indices
         self.variants: dict[tuple, object] = {}
         self.variant_graphs: dict[tuple, object] = {}
@@ -244,7 +244,8 @@ class GraphRunner:
         fn = self.variants.get(key)
         if fn is None:
             start = time.perf_counter()
-            fn = self.variants[key] = self.build(actions, skip)
+            fn, self.variant_graphs[key] = self.build(actions, skip)
+            self.variants[key] = fn
             self.state.stats.variants_compiled += 1
             self.state.stats.compile_seconds += time.perf_counter() - start
         return fn
@@ -266,13 +267,12 @@ class GraphRunner:
             plan = StepPlan(Mode.FULL)         # nothing valid to reuse yet in this request
         actions, skip = plan.actions(self.sitemap.sites)
         caches = self._slot_caches(st.slot)
-        indices = []
-        for spec in self.layout.index_specs(actions):
-            site = next(s for s in self.sitemap.sites if s.name == spec.site)
-            indices.append(st.select_tokens(site.name, spec.shape[0], site.tokens[0], spec.shape[1], spec.device))
-        st.last_indices = {spec.site: idx for spec, idx in zip(self.layout.index_specs(actions), indices)}
+        tokens = {s.name: s.tokens[0] for s in self.sitemap.sites}
+        st.last_indices = {spec.site: st.select_tokens(spec.site, spec.shape[0], tokens[spec.site], spec.shape[1],
+                                                       spec.device)
+                           for spec in self.layout.index_specs(actions)}
         st.last_plan = plan
-        out = self.variant(actions, skip)(*args, *caches, *indices)
+        out = self.variant(actions, skip)(*args, *caches, *st.last_indices.values())
         if plan.mode is Mode.FULL:
             self.valid_epoch[st.slot] = st.epoch
         self._count(plan, actions, skip)

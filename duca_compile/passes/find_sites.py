@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 
-__all__ = ["Site", "SiteMap", "find_sites", "module_path"]
+__all__ = ["Site", "SiteMap", "find_sites", "module_path", "block_path"]
 
 _ADD_TARGETS = {operator.add, operator.iadd, torch.add, torch.ops.aten.add.Tensor, "add", "add_"}
 _SDPA_TARGETS = {torch.nn.functional.scaled_dot_product_attention,
@@ -64,6 +64,12 @@ def module_path(node: fx.Node) -> str:
     raw = re.sub(r"\[(\d+)\]", r".\1", raw)
     raw = re.sub(r"\['([^']+)'\]", r".\1", raw)
     return re.sub(r"\.+", ".", raw).strip(".")
+
+
+def block_path(node: fx.Node) -> str | None:
+    """The block (``<name>.<index>``) a node belongs to, or None outside every block."""
+    m = _BLOCK_PREFIX.match(module_path(node)) if node.op != "output" else None
+    return m.group(1) if m else None
 
 
 def _child_class(node: fx.Node, child_path: str) -> str:
@@ -126,11 +132,6 @@ def _ancestors(node: fx.Node, stop: set[fx.Node], block: str, where: _Where) -> 
     return out
 
 
-def _depends_on(node: fx.Node, target: fx.Node, block: str, where: _Where) -> bool:
-    return target in _ancestors(node, set(), block, where) or any(
-        a is target for a in node.all_input_nodes)
-
-
 def _classify(raw: fx.Node, stream: fx.Node, block: str, where: _Where) -> str:
     region = _ancestors(raw, {stream}, block, where)
     attn = [n for n in region if n.op == "call_function" and n.target in _SDPA_TARGETS]
@@ -138,15 +139,14 @@ def _classify(raw: fx.Node, stream: fx.Node, block: str, where: _Where) -> str:
         return "ff"
     for sdpa in attn:
         key = sdpa.args[1] if len(sdpa.args) > 1 else sdpa.kwargs.get("key")
-        if isinstance(key, fx.Node) and (key is stream or stream in _ancestors(key, set(), block, where)
-                                         or _reaches(key, stream)):
+        if isinstance(key, fx.Node) and _reaches(key, stream):
             return "self_attn"
     return "cross_attn"
 
 
-def _reaches(node: fx.Node, target: fx.Node, limit: int = 100000) -> bool:
+def _reaches(node: fx.Node, target: fx.Node) -> bool:
     todo, seen = [node], set()
-    while todo and len(seen) < limit:
+    while todo:
         n = todo.pop()
         if n is target:
             return True

@@ -81,9 +81,3 @@ class VariantContext:
 
     def nodes(self) -> dict[str, fx.Node]:
         return {n.name: n for n in self.gm.graph.nodes}
-
-    def block_of(self, node: fx.Node) -> str | None:
-        from .find_sites import _BLOCK_PREFIX, module_path
-
-        m = _BLOCK_PREFIX.match(module_path(node)) if node.op != "output" else None
-        return m.group(1) if m else None

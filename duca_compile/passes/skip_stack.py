@@ -1,6 +1,7 @@
 """SKIP: the hidden state leaving the block stack is read from its cache; the blocks become dead."""
 from __future__ import annotations
 
+from .find_sites import block_path
 from .layout import VariantContext
 
 __all__ = ["skip_stack"]
@@ -15,4 +16,4 @@ def skip_stack(ctx: VariantContext) -> None:
         out = nodes[name]
         cache = ctx.cache_nodes[f"stack:{i}"]
         # Only consumers outside the stack switch to the cache; inside uses die with the blocks.
-        out.replace_all_uses_with(cache, delete_user_cb=lambda u: ctx.block_of(u) not in blocks)
+        out.replace_all_uses_with(cache, delete_user_cb=lambda u: block_path(u) not in blocks)
