@@ -221,7 +221,7 @@ class GraphRunner:
         self.variant_graphs: dict[tuple, object] = {}
         self.caches: dict[int, list[torch.Tensor]] = {}
         self.valid_epoch: dict[int, int] = {}
-        self.n_outputs = None
+        self.site_tokens = {s.name: s.tokens[0] for s in sitemap.sites}
         state.runners.append(weakref.ref(self))
 
     def _shape_key(self, args) -> tuple:
@@ -267,9 +267,8 @@ class GraphRunner:
             plan = StepPlan(Mode.FULL)         # nothing valid to reuse yet in this request
         actions, skip = plan.actions(self.sitemap.sites)
         caches = self._slot_caches(st.slot)
-        tokens = {s.name: s.tokens[0] for s in self.sitemap.sites}
-        st.last_indices = {spec.site: st.select_tokens(spec.site, spec.shape[0], tokens[spec.site], spec.shape[1],
-                                                       spec.device)
+        st.last_indices = {spec.site: st.select_tokens(spec.site, spec.shape[0], self.site_tokens[spec.site],
+                                                       spec.shape[1], spec.device)
                            for spec in self.layout.index_specs(actions)}
         st.last_plan = plan
         out = self.variant(actions, skip)(*args, *caches, *st.last_indices.values())

@@ -52,18 +52,19 @@ class SiteMap:
         return bool(self.sites) and bool(self.stack_outputs)
 
 
-def module_path(node: fx.Node) -> str:
-    """Normalised module path of the innermost module that produced ``node`` ("" at top level)."""
-    stack = node.meta.get("nn_module_stack") or {}
-    if not stack:
-        return ""
-    raw = list(stack.values())[-1][0]
+def _normalize(raw: str) -> str:
     raw = raw.replace("L['self']", "").replace("L['fn']", "")
     raw = re.sub(r"(?:\.?__dict__)?\['_modules'\]\['([^']+)'\]", r".\1", raw)
     raw = re.sub(r"\._modules\['([^']+)'\]", r".\1", raw)
     raw = re.sub(r"\[(\d+)\]", r".\1", raw)
     raw = re.sub(r"\['([^']+)'\]", r".\1", raw)
     return re.sub(r"\.+", ".", raw).strip(".")
+
+
+def module_path(node: fx.Node) -> str:
+    """Normalised module path of the innermost module that produced ``node`` ("" at top level)."""
+    stack = node.meta.get("nn_module_stack") or {}
+    return _normalize(list(stack.values())[-1][0]) if stack else ""
 
 
 def block_path(node: fx.Node) -> str | None:
@@ -74,7 +75,7 @@ def block_path(node: fx.Node) -> str | None:
 
 def _child_class(node: fx.Node, child_path: str) -> str:
     for path, cls in (node.meta.get("nn_module_stack") or {}).values():
-        if path and child_path.endswith(path.split(".")[-1]):
+        if _normalize(path) == child_path:
             return getattr(cls, "__name__", str(cls))
     return ""
 
