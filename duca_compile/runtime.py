@@ -15,8 +15,9 @@ from dataclasses import dataclass, field
 import torch
 
 from .policies import CacheConfig, Mode, StepPlan, make_policy
+from .policies.base import effective_mode
 
-__all__ = ["ModelState", "GraphRunner", "Stats", "state_of", "sampling", "reset"]
+__all__ = ["ModelState", "GraphRunner", "PipelineDriver", "Stats", "state_of", "attach_state", "sampling", "reset"]
 
 # id(first parameter) -> (weakref to it, state). Tensors compare elementwise, so no WeakKeyDictionary.
 _STATES: dict[int, tuple[weakref.ref, "ModelState"]] = {}
@@ -84,7 +85,7 @@ class ModelState:
         self.epoch = 0               # caches written under another epoch are invalid
         self.step, self.slot = 0, 0
         self.num_steps: int | None = None
-        self.explicit: "_Sampling | None" = None
+        self.driver = None           # _Sampling or PipelineDriver: step/slot without reading timesteps
         self.shape_keys: dict[int, tuple] = {}
         self.runners: list[weakref.ref] = []
         self.step_indices: dict[str, torch.Tensor] = {}
@@ -109,13 +110,11 @@ class ModelState:
 
     def advance(self, t: float | None) -> bool:
         """Move to the call's (step, slot); False when the step cannot be known."""
-        if self.explicit is not None:
-            i = self.explicit.calls
-            self.explicit.calls += 1
-            if i == 0:
+        call = self.driver.next_call() if self.driver is not None else None
+        if call is not None:
+            new, self.step, self.slot, self.num_steps = call
+            if new:
                 self.new_request()
-            self.step, self.slot = divmod(i, self.explicit.calls_per_step)
-            self.num_steps = self.explicit.num_steps
             return True
         if t is None:
             return False
@@ -177,6 +176,46 @@ class _Sampling:
     calls_per_step: int
     calls: int = 0
 
+    def next_call(self):
+        i, self.calls = self.calls, self.calls + 1
+        step, slot = divmod(i, self.calls_per_step)
+        return i == 0, step, slot, self.num_steps
+
+
+class PipelineDriver:
+    """Step tracking fed by a pipeline's scheduler (see ``integrations.diffusers``).
+
+    ``begin(num_steps)`` starts a request, ``step_done()`` ends a denoising step; calls in
+    between are the step's passes: slot = the active ``cache_context`` name's index, or else the
+    call's position within the step (separate cond / uncond calls get separate caches).
+    """
+
+    def __init__(self):
+        self.active, self.pending = False, False
+        self.num_steps, self.step, self.calls = None, 0, 0
+        self.context: str | None = None
+        self.contexts: dict[str, int] = {}
+
+    def begin(self, num_steps: int | None) -> None:
+        self.active, self.pending = True, True
+        self.num_steps, self.step, self.calls = num_steps, 0, 0
+        self.contexts = {}
+
+    def step_done(self) -> None:
+        if self.active:
+            self.step, self.calls = self.step + 1, 0
+
+    def next_call(self):
+        if not self.active:
+            return None          # called outside a pipeline run: fall back to timestep tracking
+        new, self.pending = self.pending, False
+        if self.context is not None:
+            slot = self.contexts.setdefault(self.context, len(self.contexts))
+        else:
+            slot = self.calls
+        self.calls += 1
+        return new, self.step, slot, self.num_steps
+
 
 @contextlib.contextmanager
 def sampling(model, num_steps: int | None = None, calls_per_step: int = 1):
@@ -195,11 +234,11 @@ def sampling(model, num_steps: int | None = None, calls_per_step: int = 1):
     if st is None:
         raise ValueError("model has not been compiled with the duca backend yet: call it once first, "
                          "or enter sampling() after the first call")
-    st.explicit = _Sampling(num_steps, calls_per_step)
+    previous, st.driver = st.driver, _Sampling(num_steps, calls_per_step)
     try:
         yield st
     finally:
-        st.explicit = None
+        st.driver = previous
         st.reset()
 
 
@@ -265,7 +304,9 @@ class GraphRunner:
                          "context is active, so every call runs FULL (no caching)")
         if self.valid_epoch.get(st.slot) != st.epoch:
             plan = StepPlan(Mode.FULL)         # nothing valid to reuse yet in this request
-        actions, skip = plan.actions(self.sitemap.sites)
+        actions, skip = self.state.policy.actions(plan, self.sitemap.sites, len(self.sitemap.blocks),
+                                                  st.step, st.num_steps)
+        plan = StepPlan(effective_mode(actions, skip), plan.ratio)
         caches = self._slot_caches(st.slot)
         st.last_indices = {spec.site: st.select_tokens(spec.site, spec.shape[0], self.site_tokens[spec.site],
                                                        spec.shape[1], spec.device)

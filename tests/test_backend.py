@@ -20,7 +20,7 @@ def test_full_only_equals_plain_model(family):
     for i, t in enumerate(timesteps(4)):
         kw = make_inputs(family, model, timestep=t, seed=i)
         torch.testing.assert_close(fast(**kw)[0], model(**kw)[0], atol=1e-6, rtol=1e-5)
-    assert duca_compile.stats(fast)["steps"] == {"full": 4, "reuse": 0, "skip": 0, "subset": 0}
+    assert duca_compile.stats(fast)["steps"] == {"full": 4, "reuse": 0, "skip": 0, "subset": 0, "partial": 0}
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -45,7 +45,7 @@ def test_caches_hit_and_change_the_output(family):
         kw = make_inputs(family, model, timestep=t)
         outs.append((fast(**kw)[0], model(**kw)[0]))
     s = duca_compile.stats(fast)
-    assert s["steps"] == {"full": 2, "reuse": 0, "skip": 2, "subset": 2}   # F C A F C A
+    assert s["steps"] == {"full": 2, "reuse": 0, "skip": 2, "subset": 2, "partial": 0}   # F C A F C A
     assert s["cache_hits"] > 0 and s["tokens_computed"] < s["tokens_total"]
     for step, (out, plain) in enumerate(outs):
         same = torch.allclose(out, plain, atol=1e-6)
@@ -139,7 +139,7 @@ def test_shape_or_dtype_change_mid_request_resets_caches(change):
     out = fast(**kw)[0]
     torch.testing.assert_close(out, model(**kw)[0], atol=1e-6, rtol=1e-5)   # ran FULL, nothing mixed
     s = duca_compile.stats(fast)
-    assert s["shape_resets"] == 1 and s["steps"] == {"full": 2, "reuse": 1, "skip": 0, "subset": 0}
+    assert s["shape_resets"] == 1 and s["steps"] == {"full": 2, "reuse": 1, "skip": 0, "subset": 0, "partial": 0}
     if change == "dtype":
         model.float()
     back = make_inputs("dit", model, timestep=ts[3])

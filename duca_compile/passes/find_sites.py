@@ -35,6 +35,7 @@ class Site:
     streams: list[str]     # residual-stream node entering the branch, one per output
     tokens: list[int]      # token count (dim 1) of each output
     subset_reason: str = ""  # why SUBSET cannot compute this site token-wise ("" = it can)
+    layer: int = 0           # index of ``block`` in the stack, in graph order
 
     @property
     def subsettable(self) -> bool:
@@ -206,8 +207,10 @@ def find_sites(gm: fx.GraphModule) -> SiteMap:
                      if n in downstream and where.block.get(n) is not None
                      and any(where.block.get(u) is None for u in n.users)]
 
-    result = SiteMap(sites=list(sites.values()), stack_outputs=stack_outputs,
-                     blocks=list(dict.fromkeys(s.block for s in sites.values())))
+    blocks = list(dict.fromkeys(s.block for s in sites.values()))
+    for site in sites.values():
+        site.layer = blocks.index(site.block)
+    result = SiteMap(sites=list(sites.values()), stack_outputs=stack_outputs, blocks=blocks)
     if not sites:
         result.why_empty = ("no residual branch found: no block-level add (module path '<name>.<index>') "
                             "combines one child module's output with the residual stream")

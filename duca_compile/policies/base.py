@@ -1,39 +1,45 @@
 """What a caching policy decides: one ``StepPlan`` per denoising step, in plain Python.
 
 Policies never run inside a traced graph; the runtime asks them for each call and picks the
-matching pre-built variant, so switching modes costs no guard and no recompile.
+matching pre-built variant, so switching modes costs no guard and no recompile. A plan is
+turned into per-site actions ("compute" | "reuse" | k tokens) by ``CachePolicy.actions``; the
+variant is keyed by those actions, so two steps with the same actions share one compiled graph.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import Enum
 
-__all__ = ["Mode", "StepPlan", "CacheConfig", "CachePolicy", "register_policy", "make_policy", "POLICIES"]
+__all__ = ["Mode", "StepPlan", "CacheConfig", "CachePolicy", "register_policy", "make_policy", "POLICIES",
+           "effective_mode", "check_int", "check_unit"]
 
 
 class Mode(str, Enum):
     FULL = "full"        # compute every branch, write every cache
-    REUSE = "reuse"      # read every branch output from its cache
+    REUSE = "reuse"      # read (or forecast) every branch output from its cache
     SKIP = "skip"        # skip the whole block stack (DuCa's aggressive step)
-    SUBSET = "subset"    # cross-attention / FF on k tokens, self-attention reused (conservative step)
+    SUBSET = "subset"    # some sites compute k tokens; self-attention reused (conservative step)
+    PARTIAL = "partial"  # per-site plan: some sites computed in full, the others reused
 
 
 @dataclass(frozen=True)
 class StepPlan:
-    mode: Mode
-    ratio: float = 0.0   # fraction of tokens computed per SUBSET site
+    """mode: the step's kind; ratio: fraction of tokens for SUBSET sites (before any per-site
+    schedule); site_modes: per site-kind overrides, e.g. ``(("cross_attn", Mode.REUSE),)``."""
 
-    def actions(self, sites) -> tuple[dict, bool]:
-        """Per-site actions ("compute" | "reuse" | k tokens) and whether the stack is skipped."""
-        if self.mode is Mode.FULL:
-            return {s.name: "compute" for s in sites}, False
-        if self.mode is Mode.SUBSET:
-            out = {}
-            for s in sites:
-                k = int(self.ratio * s.tokens[0]) if s.subsettable else 0
-                out[s.name] = k if k > 0 else "reuse"
-            return out, False
-        return {s.name: "reuse" for s in sites}, self.mode is Mode.SKIP
+    mode: Mode
+    ratio: float = 0.0
+    site_modes: tuple = ()
+
+
+def check_int(owner: str, name: str, value, low: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        raise ValueError(f"{owner}.{name} must be an int >= {low}, got {value!r}")
+
+
+def check_unit(owner: str, name: str, value) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0.0 <= value <= 1.0:
+        raise ValueError(f"{owner}.{name} must be in [0, 1], got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -44,18 +50,47 @@ class CacheConfig:
         requests with the same inputs give identical outputs.
     share_cfg_indices (`bool`, defaults to `True`): with an even batch, the second half (the other
         classifier-free-guidance branch) uses the first half's token indices, as the official code does.
+    compute_first (`int`, defaults to `0`): the first n blocks are computed at every step (a
+        per-site plan, like cache-dit's "Fn" blocks); with n > 0 no step skips the whole stack.
+    max_variants (`int`, defaults to `12`): warn when a model compiles more variants than this
+        (each distinct per-site plan is one compiled graph).
     """
 
     seed: int = 0
     share_cfg_indices: bool = True
+    compute_first: int = 0
+    max_variants: int = 12
 
     def __post_init__(self):
-        if not isinstance(self.seed, int):
-            raise ValueError(f"seed must be an int, got {self.seed!r}")
+        owner = type(self).__name__
+        check_int(owner, "seed", self.seed, -(2**63))
+        check_int(owner, "compute_first", self.compute_first, 0)
+        check_int(owner, "max_variants", self.max_variants, 1)
+
+
+def effective_mode(actions: dict, skip: bool) -> Mode:
+    """The mode a set of per-site actions amounts to (what stats and explain report)."""
+    if skip:
+        return Mode.SKIP
+    kinds = {a if isinstance(a, str) else "subset" for a in actions.values()}
+    if kinds <= {"compute"}:
+        return Mode.FULL
+    if kinds == {"reuse"}:
+        return Mode.REUSE
+    return Mode.SUBSET if "subset" in kinds else Mode.PARTIAL
 
 
 class CachePolicy:
-    """Maps a step index (0-based within a request) to a plan."""
+    """Maps a step index (0-based within a request) to a plan, and a plan to per-site actions.
+
+    Policies that also need run-time state say so through these class attributes, read by the
+    runner: ``taylor_orders`` (finite differences kept per branch, 0 = plain reuse),
+    ``propagation`` (ClusCa's gamma, None = no cluster propagation).
+    """
+
+    taylor_orders: int = 0
+    propagation: float | None = None
+    needs_num_steps: bool = False
 
     def __init__(self, config: CacheConfig):
         self.config = config
@@ -64,8 +99,36 @@ class CachePolicy:
         raise NotImplementedError
 
     def modes(self) -> set[Mode]:
-        """Every mode this policy can ask for (used to describe it; variants still compile lazily)."""
+        """Every step mode this policy can ask for."""
         raise NotImplementedError
+
+    def require_num_steps(self, num_steps: int | None) -> int:
+        if num_steps is None:
+            raise ValueError(
+                f"{type(self.config).__name__} needs the number of denoising steps: use "
+                "duca_compile.enable(pipe, config) for a diffusers pipeline, or wrap the loop in "
+                "`with duca_compile.sampling(model, num_steps=N):`")
+        return num_steps
+
+    def site_k(self, site, layers: int, plan: StepPlan, step: int, num_steps: int | None) -> int:
+        """Tokens computed at ``site`` on a SUBSET step (0 = reuse it)."""
+        return int(plan.ratio * site.tokens[0])
+
+    def actions(self, plan: StepPlan, sites, layers: int, step: int, num_steps: int | None) -> tuple[dict, bool]:
+        """Per-site actions ("compute" | "reuse" | k tokens) and whether the whole stack is skipped."""
+        overrides = dict(plan.site_modes)
+        out, computes = {}, False
+        for site in sites:
+            mode = Mode.FULL if site.layer < self.config.compute_first else overrides.get(site.kind, plan.mode)
+            if mode is Mode.FULL:
+                out[site.name], computes = "compute", True
+            elif mode is Mode.SUBSET and site.subsettable:
+                k = self.site_k(site, layers, plan, step, num_steps)
+                out[site.name] = k if 0 < k < site.tokens[0] else ("compute" if k > 0 else "reuse")
+            else:
+                out[site.name] = "reuse"
+        skip = plan.mode is Mode.SKIP and not computes and not any(isinstance(a, int) for a in out.values())
+        return out, skip
 
 
 POLICIES: dict[type, type] = {}
