@@ -16,7 +16,8 @@ from torch._dynamo.backends.registry import register_backend
 
 from .passes import CacheLayout, build_variant, find_sites
 from .policies import CacheConfig, DuCaConfig
-from .runtime import GraphRunner, attach_state
+from .runner import GraphRunner
+from .runtime import attach_state
 
 __all__ = ["duca_backend", "DuCaBackend", "INNER_COMPILERS"]
 
@@ -65,7 +66,9 @@ class DuCaBackend:
             return compile_variant(gm, example_inputs)
 
         state = attach_state(params[0], config)
-        layout = CacheLayout.from_graph(gm, sitemap)
+        policy = state.policy
+        layout = CacheLayout.from_graph(gm, sitemap, orders=policy.taylor_orders, propagation=policy.propagation,
+                                        value_norms=getattr(config, "selection", "") == "kv-norm")
         fake_mode = torch._guards.detect_fake_mode(example_inputs)
         placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
         user = [i for i, (n, x) in enumerate(zip(placeholders, example_inputs))
@@ -75,7 +78,7 @@ class DuCaBackend:
         def build(actions, skip):
             variant = build_variant(gm, sitemap, layout, actions, skip, fake_mode)
             extra = [torch.zeros(c.shape, dtype=c.dtype, device=c.device) for c in layout.caches]
-            extra += [torch.zeros(s.shape, dtype=torch.int64, device=s.device) for s in layout.index_specs(actions)]
+            extra += [torch.zeros(s.shape, dtype=s.dtype, device=s.device) for s in layout.inputs(actions)]
             return compile_variant(variant, [*example_inputs, *extra]), variant
 
         runner = GraphRunner(state, sitemap, layout, build, piece_key=id(params[0]),

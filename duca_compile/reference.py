@@ -4,8 +4,12 @@ Forward hooks on the branch modules and on the last block replace their outputs;
 traced or rewritten, so it checks the compiled variants by a different mechanism. A SUBSET site is
 computed in full and only the selected rows are kept — equal to computing those rows alone,
 because cross-attention queries and feed-forward layers act on each token independently.
+TaylorSeer terms are kept as a list per site and divided by the step distance; ClusCa
+propagation reads each representative's row from the full output.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -14,58 +18,99 @@ from .policies import Mode
 __all__ = ["ReferenceCache"]
 
 
-def _map(fn, out):
-    return tuple(fn(o) for o in out) if isinstance(out, tuple) else fn(out)
+def _tuple(out):
+    return out if isinstance(out, tuple) else (out,)
 
 
-def _keep_rows(cache: torch.Tensor, fresh: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    rows = idx.unsqueeze(-1).expand(-1, -1, fresh.shape[-1])
-    return cache.clone().scatter_(1, rows, fresh.gather(1, rows))
+def _untuple(like, values):
+    return tuple(values) if isinstance(like, tuple) else values[0]
+
+
+def _rows(idx: torch.Tensor, channels: int) -> torch.Tensor:
+    return idx.unsqueeze(-1).expand(-1, -1, channels)
+
+
+class _Terms:
+    """One site output's Taylor terms ``[Δ0, Δ1, …]`` and the step they were taken at."""
+
+    def __init__(self):
+        self.terms: list[torch.Tensor] = []
+        self.step: int | None = None
+
+    def compute(self, fresh, step, orders, first_enhance):
+        if self.step is None or step <= first_enhance - 2:
+            new = [fresh.clone()]
+        else:
+            new, d = [fresh.clone()], step - self.step
+            for i in range(min(len(self.terms), orders)):
+                new.append((new[i] - self.terms[i]) / d)
+        self.terms, self.step = new, step
+
+    def forecast(self, step):
+        k = step - self.step
+        return sum(t * (k ** i / math.factorial(i)) for i, t in enumerate(self.terms))
 
 
 class ReferenceCache:
-    """Runs ``model`` eagerly under one mode per call, with per-slot caches.
+    """Runs ``model`` eagerly under per-site actions, with per-slot caches.
 
-    sites: branch module name -> kind ("self_attn" | "cross_attn" | "ff"); last_block: name of the
-    block whose output leaves the stack. Use ``from_compiled`` to take both from ``explain()``.
+    sites: branch module name -> kind; last_block: name of the block whose output leaves the stack.
+    orders / first_enhance: TaylorSeer terms (0 = plain reuse); propagation: ClusCa's gamma.
+    ``from_compiled`` takes the sites from ``explain()``.
     """
 
-    def __init__(self, model: torch.nn.Module, sites: dict[str, str], last_block: str):
+    def __init__(self, model: torch.nn.Module, sites: dict[str, str], last_block: str, orders: int = 0,
+                 first_enhance: int = 1, propagation: float | None = None):
         self.model, self.sites, self.last_block = model, dict(sites), last_block
+        self.orders, self.first_enhance, self.propagation = orders, first_enhance, propagation
         self.caches: dict[int, dict] = {}
-        self._mode, self._indices, self._slot = Mode.FULL, {}, 0
+        self._call: dict = {}
 
     @classmethod
-    def from_compiled(cls, model, compiled) -> "ReferenceCache":
+    def from_compiled(cls, model, compiled, **kw) -> "ReferenceCache":
         from .report import explain
 
         graph = explain(compiled, as_text=False)[0]
-        return cls(model, {s["name"]: s["kind"] for s in graph["sites"]}, graph["blocks"][-1])
+        return cls(model, {s["name"]: s["kind"] for s in graph["sites"]}, graph["blocks"][-1], **kw)
 
     def _site_hook(self, name):
         def hook(module, args, out):
-            cache = self.caches.setdefault(self._slot, {})
-            if self._mode is Mode.FULL:
-                cache[name] = _map(torch.clone, out)
-                return out
-            if self._mode is Mode.SKIP:
+            c = self._call
+            if c["skip"]:
                 return out                      # the stack output is replaced; caches stay as they are
-            if name in self._indices:
-                cache[name] = _keep_rows(cache[name], out, self._indices[name])
-            return cache[name]
+            terms = self.caches.setdefault(c["slot"], {}).setdefault(name, None)
+            outs = _tuple(out)
+            if terms is None:
+                terms = self.caches[c["slot"]][name] = [_Terms() for _ in outs]
+            action = c["actions"][name]
+            if action == "compute":
+                for t, o in zip(terms, outs):
+                    t.compute(o, c["step"], self.orders, self.first_enhance)
+                return out
+            if action != "reuse":               # SUBSET: the selected rows are fresh
+                fresh, idx, base = outs[0], c["indices"][name], terms[0].terms[0]
+                rows = _rows(idx, fresh.shape[-1])
+                if self.propagation is not None:
+                    rep_of_token = idx.gather(1, c["assign"][name])          # [batch, tokens]
+                    rep = fresh.gather(1, _rows(rep_of_token, fresh.shape[-1]))
+                    base = self.propagation * rep + (1 - self.propagation) * base
+                terms[0].terms[0] = base.clone().scatter_(1, rows, fresh.gather(1, rows))
+            return _untuple(out, [t.forecast(c["step"]) for t in terms])
         return hook
 
     def _stack_hook(self, module, args, out):
-        cache = self.caches.setdefault(self._slot, {})
-        if self._mode is Mode.SKIP:
+        cache = self.caches.setdefault(self._call["slot"], {})
+        if self._call["skip"]:
             return cache["stack"]
-        cache["stack"] = _map(torch.clone, out)
+        cache["stack"] = tuple(o.clone() for o in out) if isinstance(out, tuple) else out.clone()
         return out
 
     @torch.no_grad()
-    def __call__(self, mode: Mode, indices: dict | None = None, slot: int = 0, **inputs):
-        """One forward call in ``mode``; ``indices`` maps each SUBSET site to its ``[batch, k]`` tokens."""
-        self._mode, self._indices, self._slot = Mode(mode), dict(indices or {}), slot
+    def run(self, actions: dict, skip: bool = False, indices: dict | None = None, slot: int = 0, step: int = 0,
+            assign: dict | None = None, **inputs):
+        """One forward call: ``actions`` maps each site to "compute" | "reuse" | k (rows in ``indices``)."""
+        self._call = dict(actions=actions, skip=skip, indices=dict(indices or {}), slot=slot, step=step,
+                          assign=dict(assign or {}))
         handles = [self.model.get_submodule(n).register_forward_hook(self._site_hook(n)) for n in self.sites]
         handles.append(self.model.get_submodule(self.last_block).register_forward_hook(self._stack_hook))
         try:
@@ -73,3 +118,10 @@ class ReferenceCache:
         finally:
             for h in handles:
                 h.remove()
+
+    def __call__(self, mode: Mode, indices: dict | None = None, slot: int = 0, step: int = 0, **inputs):
+        """One call in a uniform ``mode`` (every site alike; self-attention reused on SUBSET)."""
+        mode, indices = Mode(mode), dict(indices or {})
+        actions = {n: "compute" if mode is Mode.FULL else indices[n] if n in indices else "reuse"
+                   for n in self.sites}
+        return self.run(actions, mode is Mode.SKIP, indices, slot, step, **inputs)

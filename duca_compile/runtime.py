@@ -1,8 +1,8 @@
 """Run-time side of the backend: per-model state, step/request tracking, caches and dispatch.
 
-Nothing here is traced. Each call the runner asks the policy for the step's plan, picks (or
-lazily builds) the matching compiled variant, and passes it the caches and token indices as
-extra inputs, so changing mode never recompiles.
+Nothing here is traced. ``ModelState`` is shared by every graph Dynamo makes from one model: it
+knows the request, step and slot of each call (from timesteps, ``sampling()`` or a pipeline
+driver) and owns token selection; ``runner.GraphRunner`` dispatches each call to a variant.
 """
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 import torch
 
 from .policies import CacheConfig, Mode, StepPlan, make_policy
-from .policies.base import effective_mode
+from .selection import TokenSelector
 
-__all__ = ["ModelState", "GraphRunner", "PipelineDriver", "Stats", "state_of", "attach_state", "sampling", "reset"]
+__all__ = ["ModelState", "PipelineDriver", "Stats", "state_of", "attach_state", "sampling", "reset"]
 
 # id(first parameter) -> (weakref to it, state). Tensors compare elementwise, so no WeakKeyDictionary.
 _STATES: dict[int, tuple[weakref.ref, "ModelState"]] = {}
@@ -91,14 +91,19 @@ class ModelState:
         self.step_indices: dict[str, torch.Tensor] = {}
         self.generators: dict[torch.device, torch.Generator] = {}
         self.warned: set[str] = set()
+        self.selector = TokenSelector(config, self.warn_once)
         self.last_indices: dict[str, torch.Tensor] = {}
         self.last_plan: StepPlan | None = None
+        self.last_actions: dict = {}
+        self.last_assign: dict = {}
+        self.last_skip = False
 
     def new_request(self) -> None:
         self.epoch += 1
         self.stats.requests += 1
         self.step, self.slot = 0, 0
         self.step_indices = {}
+        self.selector.reset()
         for g in self.generators.values():
             g.manual_seed(self.config.seed)
 
@@ -108,14 +113,16 @@ class ModelState:
         self.tracker = TimestepTracker()
         self.step, self.slot = 0, 0
 
-    def advance(self, t: float | None) -> bool:
-        """Move to the call's (step, slot); False when the step cannot be known."""
+    def advance(self, read_timestep) -> bool:
+        """Move to the call's (step, slot); False when the step cannot be known. The timestep is
+        read (one device-to-host copy) only when no driver gives the step."""
         call = self.driver.next_call() if self.driver is not None else None
         if call is not None:
             new, self.step, self.slot, self.num_steps = call
             if new:
                 self.new_request()
             return True
+        t = read_timestep()
         if t is None:
             return False
         restart, step, slot = self.tracker.observe(t)
@@ -131,16 +138,14 @@ class ModelState:
             self.generators[device] = g
         return self.generators[device]
 
-    def select_tokens(self, site: str, batch: int, tokens: int, k: int, device) -> torch.Tensor:
-        """Random ``[batch, k]`` token indices, on the device; shared by every pass of a step."""
+    def select_tokens(self, site: str, batch: int, tokens: int, k: int, device,
+                      value_score: torch.Tensor | None = None) -> torch.Tensor:
+        """``[batch, k]`` token indices on the device; later passes of a step reuse the first's."""
         idx = self.step_indices.get(site)
         if idx is not None and idx.shape == (batch, k) and self.slot > 0:
             return idx
-        half = batch // 2 if self.config.share_cfg_indices and batch % 2 == 0 and batch > 1 else batch
-        scores = torch.rand(half, tokens, generator=self.generator(torch.device(device)), device=device)
-        idx = scores.topk(k, dim=1).indices
-        if half != batch:
-            idx = torch.cat([idx, idx])
+        idx = self.selector.select(site, batch, tokens, k, device, self.generator(torch.device(device)),
+                                   value_score)
         self.step_indices[site] = idx
         return idx
 
@@ -247,91 +252,3 @@ def reset(model) -> None:
     st = state_of(model)
     if st is not None:
         st.reset()
-
-
-class GraphRunner:
-    """The callable handed back to Dynamo for one graph: dispatches each call to a variant."""
-
-    def __init__(self, state, sitemap, layout, build, piece_key, timestep_index, user_indices):
-        self.state, self.sitemap, self.layout = state, sitemap, layout
-        self.build = build                  # (actions, skip) -> (compiled callable, variant GraphModule)
-        self.piece_key, self.timestep_index, self.user_indices = piece_key, timestep_index, user_indices
-        self.variants: dict[tuple, object] = {}
-        self.variant_graphs: dict[tuple, object] = {}
-        self.caches: dict[int, list[torch.Tensor]] = {}
-        self.valid_epoch: dict[int, int] = {}
-        self.site_tokens = {s.name: s.tokens[0] for s in sitemap.sites}
-        state.runners.append(weakref.ref(self))
-
-    def _shape_key(self, args) -> tuple:
-        return tuple((tuple(args[i].shape), args[i].dtype) if isinstance(args[i], torch.Tensor) else args[i]
-                     for i in self.user_indices)
-
-    def _timestep(self, args) -> float | None:
-        if self.timestep_index is None:
-            return None
-        t = args[self.timestep_index]
-        return float(t.reshape(-1)[0]) if isinstance(t, torch.Tensor) else float(t)
-
-    def _slot_caches(self, slot: int) -> list[torch.Tensor]:
-        if slot not in self.caches:  # allocated once per slot and shape, then written in place
-            self.caches[slot] = [torch.zeros(c.shape, dtype=c.dtype, device=c.device) for c in self.layout.caches]
-        return self.caches[slot]
-
-    def variant(self, actions: dict, skip: bool):
-        key = (skip, tuple(sorted(actions.items())) if not skip else ())
-        fn = self.variants.get(key)
-        if fn is None:
-            start = time.perf_counter()
-            fn, self.variant_graphs[key] = self.build(actions, skip)
-            self.variants[key] = fn
-            self.state.stats.variants_compiled += 1
-            self.state.stats.compile_seconds += time.perf_counter() - start
-        return fn
-
-    def __call__(self, *args):
-        st = self.state
-        shape_key = self._shape_key(args)
-        if st.shape_keys.get(self.piece_key, shape_key) != shape_key:
-            st.stats.shape_resets += 1
-            st.epoch += 1                      # never mix caches of two shapes
-        st.shape_keys[self.piece_key] = shape_key
-        tracked = st.advance(self._timestep(args))
-        plan = st.policy.plan(st.step, st.num_steps) if tracked else StepPlan(Mode.FULL)
-        if not tracked:
-            st.stats.fallback_calls += 1
-            st.warn_once("untracked", "duca: this graph has no timestep input and no duca_compile.sampling() "
-                         "context is active, so every call runs FULL (no caching)")
-        if self.valid_epoch.get(st.slot) != st.epoch:
-            plan = StepPlan(Mode.FULL)         # nothing valid to reuse yet in this request
-        actions, skip = self.state.policy.actions(plan, self.sitemap.sites, len(self.sitemap.blocks),
-                                                  st.step, st.num_steps)
-        plan = StepPlan(effective_mode(actions, skip), plan.ratio)
-        caches = self._slot_caches(st.slot)
-        st.last_indices = {spec.site: st.select_tokens(spec.site, spec.shape[0], self.site_tokens[spec.site],
-                                                       spec.shape[1], spec.device)
-                           for spec in self.layout.index_specs(actions)}
-        st.last_plan = plan
-        out = self.variant(actions, skip)(*args, *caches, *st.last_indices.values())
-        if plan.mode is Mode.FULL:
-            self.valid_epoch[st.slot] = st.epoch
-        self._count(plan, actions, skip)
-        return out
-
-    def _count(self, plan, actions, skip) -> None:
-        s = self.state.stats
-        s.calls += 1
-        s.steps[plan.mode.value] += 1
-        for site in self.sitemap.sites:
-            n = sum(site.tokens)
-            s.tokens_total += n
-            a = actions[site.name]
-            if skip or a == "reuse":
-                s.cache_hits += 1
-            elif a == "compute":
-                s.tokens_computed += n
-            else:
-                s.cache_hits += 1          # the rows not recomputed come from the cache
-                s.tokens_computed += a
-        if skip:
-            s.cache_hits += 1              # the stack output itself

@@ -21,6 +21,20 @@ def timesteps(n, start=900.0, stop=100.0):
     return [start - i * (start - stop) / max(n - 1, 1) for i in range(n)]
 
 
+def oracle_for(model, fast):
+    """An oracle with the compiled model's sites and its method's Taylor / propagation settings."""
+    st = state_of(fast)
+    return ReferenceCache.from_compiled(model, fast, orders=st.policy.taylor_orders,
+                                        first_enhance=getattr(st.config, "first_enhance", 1),
+                                        propagation=st.policy.propagation)
+
+
+def run_oracle_step(oracle, fast, **kw):
+    st = state_of(fast)
+    return oracle.run(st.last_actions, st.last_skip, st.last_indices, slot=st.slot, step=st.step,
+                      assign=st.last_assign, **kw)
+
+
 def run_against_oracle(family, model, fast, ts, batch=2, atol=1e-5, input_seed=0):
     """Run every timestep through both; return the modes run. Asserts closeness at each step."""
     oracle, modes = None, []
@@ -28,8 +42,8 @@ def run_against_oracle(family, model, fast, ts, batch=2, atol=1e-5, input_seed=0
         kw = make_inputs(family, model, batch=batch, timestep=t, seed=input_seed + i)
         out = fast(**kw)[0]
         st = state_of(fast)
-        oracle = oracle or ReferenceCache.from_compiled(model, fast)
-        ref = oracle(st.last_plan.mode, st.last_indices, slot=st.slot, **kw)[0]
+        oracle = oracle or oracle_for(model, fast)
+        ref = run_oracle_step(oracle, fast, **kw)[0]
         torch.testing.assert_close(out, ref, atol=atol, rtol=1e-4,
                                    msg=lambda m: f"step {i} ({st.last_plan.mode.value}): {m}")
         modes.append(st.last_plan.mode.value)

@@ -12,17 +12,18 @@ import torch.fx as fx
 from .add_cache_inputs import add_cache_inputs
 from .clone_graph import clone_graph
 from .find_sites import Site, SiteMap, find_sites
-from .layout import Action, CacheLayout, VariantContext
+from .layout import Action, CacheLayout, InputSpec, VariantContext, order_key
+from .record_value_norms import record_value_norms
 from .reuse_branches import reuse_branches
 from .skip_stack import skip_stack
 from .subset_branches import subset_branches
 from .write_caches import write_caches
 
-__all__ = ["VARIANT_PASSES", "build_variant", "find_sites", "Site", "SiteMap", "CacheLayout", "Action"]
+__all__ = ["VARIANT_PASSES", "build_variant", "find_sites", "Site", "SiteMap", "CacheLayout", "Action", "InputSpec", "order_key"]
 
 log = logging.getLogger(__name__)
 
-VARIANT_PASSES = [add_cache_inputs, skip_stack, reuse_branches, subset_branches, write_caches]
+VARIANT_PASSES = [add_cache_inputs, skip_stack, reuse_branches, subset_branches, write_caches, record_value_norms]
 
 
 def build_variant(gm: fx.GraphModule, sitemap: SiteMap, layout: CacheLayout, actions: dict[str, Action],

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 
-__all__ = ["Site", "SiteMap", "find_sites", "module_path", "block_path"]
+__all__ = ["Site", "SiteMap", "find_sites", "module_path", "block_path", "ancestors_in_block", "is_sdpa"]
 
 _ADD_TARGETS = {operator.add, operator.iadd, torch.add, torch.ops.aten.add.Tensor, "add", "add_"}
 _SDPA_TARGETS = {torch.nn.functional.scaled_dot_product_attention,
@@ -72,6 +72,22 @@ def block_path(node: fx.Node) -> str | None:
     """The block (``<name>.<index>``) a node belongs to, or None outside every block."""
     m = _BLOCK_PREFIX.match(module_path(node)) if node.op != "output" else None
     return m.group(1) if m else None
+
+
+def is_sdpa(node: fx.Node) -> bool:
+    return node.op == "call_function" and node.target in _SDPA_TARGETS
+
+
+def ancestors_in_block(node: fx.Node, stop: fx.Node, block: str) -> list[fx.Node]:
+    """Nodes of ``block`` that ``node`` depends on without passing through ``stop``."""
+    out, todo = {}, [node]
+    while todo:
+        n = todo.pop()
+        if n in out or n is stop or block_path(n) != block:
+            continue
+        out[n] = None
+        todo.extend(n.all_input_nodes)
+    return list(out)
 
 
 def _child_class(node: fx.Node, child_path: str) -> str:

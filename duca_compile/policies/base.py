@@ -124,7 +124,7 @@ class CachePolicy:
                 out[site.name], computes = "compute", True
             elif mode is Mode.SUBSET and site.subsettable:
                 k = self.site_k(site, layers, plan, step, num_steps)
-                out[site.name] = k if 0 < k < site.tokens[0] else ("compute" if k > 0 else "reuse")
+                out[site.name] = k if k > 0 else "reuse"
             else:
                 out[site.name] = "reuse"
         skip = plan.mode is Mode.SKIP and not computes and not any(isinstance(a, int) for a in out.values())

@@ -1,52 +1,84 @@
 """DuCa (arXiv 2412.18911): full steps, then conservative and aggressive steps alternating.
 
-With the step counting up from the last full step (residue ``r = step % interval``): ``r == 0`` is
-FULL, odd ``r`` a conservative SUBSET step (self-attention reused, cross-attention and FF recomputed
-for ``ratio`` of the tokens), even ``r`` an aggressive SKIP step (the whole stack reused). This is
-the official PixArt schedule: F C A F C A … for ``interval=3``, F C A C A … for 5.
+A step's residue ``r`` within its cycle decides: 0 FULL, odd a conservative SUBSET step
+(self-attention reused, cross-attention and FF recompute ``R_eff`` of their tokens), even an
+aggressive SKIP step (the whole stack reused). Counting up with a constant interval this is the
+official PixArt schedule, F C A F C A …; ``count_down`` + ``interval_weight`` + ``forced_interval``
+give the DiT one (interval recomputed at each full step); ``cycles`` gives OpenSora's per-module
+cycles. v1 (V-caching) is ``selection="kv-norm"``, v2 is ``selection="random"``.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .base import CacheConfig, CachePolicy, Mode, StepPlan, register_policy
+from .base import CachePolicy, Mode, StepPlan, register_policy
+from .schedules import TokenConfig
 
 __all__ = ["DuCaConfig", "DuCaPolicy"]
 
-SELECTIONS = ("random",)
+_LETTERS = {"F": Mode.FULL, "C": Mode.SUBSET, "A": Mode.SKIP}
+_KINDS = ("self_attn", "cross_attn", "ff")
 
 
 @dataclass(frozen=True)
-class DuCaConfig(CacheConfig):
-    """interval (`int`, defaults to `3`): steps per cycle, the first of which is FULL.
-    ratio (`float`, defaults to `0.3`): fraction of tokens recomputed per site on conservative steps.
-    selection (`str`, defaults to `"random"`): how tokens are chosen; DuCa v2 found random selection
-        as good as or better than importance scores."""
+class DuCaConfig(TokenConfig):
+    """Every ``TokenConfig`` field, plus:
 
-    interval: int = 3
-    ratio: float = 0.3
-    selection: str = "random"
+    cycles (`tuple`, defaults to `()`): per-module cycles instead of the interval schedule,
+        ``(("self_attn", "FCA"), ("ff", "FCA"), ("cross_attn", "FCACCA"))``: site kind -> letters
+        F (full), C (conservative), A (aggressive) indexed by ``step % len``. A step where every
+        kind is A skips the whole stack.
+    warmup (`int`, defaults to `0`): the first ``warmup`` steps are FULL (OpenSora: 3).
+    """
+
+    cycles: tuple = ()
+    warmup: int = 0
 
     def __post_init__(self):
         super().__post_init__()
-        if not isinstance(self.interval, int) or self.interval < 1:
-            raise ValueError(f"DuCaConfig.interval must be an int >= 1, got {self.interval!r}")
-        if not isinstance(self.ratio, (int, float)) or not 0.0 <= self.ratio <= 1.0:
-            raise ValueError(f"DuCaConfig.ratio must be in [0, 1], got {self.ratio!r}")
-        if self.selection not in SELECTIONS:
-            raise ValueError(f"DuCaConfig.selection must be one of {SELECTIONS}, got {self.selection!r}")
+        cycles = tuple(tuple(c) for c in (self.cycles.items() if isinstance(self.cycles, dict) else self.cycles))
+        for c in cycles:
+            if len(c) != 2 or c[0] not in _KINDS or not c[1] or set(c[1]) - set(_LETTERS):
+                raise ValueError(f"DuCaConfig.cycles must be ((kind, letters), ...) with kind in {_KINDS} and "
+                                 f"letters from 'FCA', got {self.cycles!r}")
+        if cycles and {c[0] for c in cycles} != set(_KINDS):
+            raise ValueError(f"DuCaConfig.cycles must give a cycle for every kind {_KINDS}, got {self.cycles!r}")
+        object.__setattr__(self, "cycles", cycles)
+        if not isinstance(self.warmup, int) or self.warmup < 0:
+            raise ValueError(f"DuCaConfig.warmup must be an int >= 0, got {self.warmup!r}")
 
 
 @register_policy(DuCaConfig)
 class DuCaPolicy(CachePolicy):
+    def __init__(self, config):
+        super().__init__(config)
+        self.needs_num_steps = config.needs_num_steps and not config.cycles
+
     def plan(self, step, num_steps=None):
-        r = step % self.config.interval
+        c = self.config
+        if step < c.warmup:
+            return StepPlan(Mode.FULL)
+        if c.cycles:
+            kinds = {kind: _LETTERS[letters[step % len(letters)]] for kind, letters in c.cycles}
+            modes = set(kinds.values())
+            if modes == {Mode.SKIP}:
+                return StepPlan(Mode.SKIP)
+            main = Mode.FULL if Mode.FULL in modes else Mode.SUBSET
+            site_modes = tuple((k, Mode.REUSE if m is Mode.SKIP else m) for k, m in kinds.items() if m is not main)
+            return StepPlan(main, c.ratio, site_modes)
+        if self.needs_num_steps:
+            self.require_num_steps(num_steps)
+        r = c.residue(step, num_steps)
         if r == 0:
             return StepPlan(Mode.FULL)
-        if r % 2 == 1:
-            return StepPlan(Mode.SUBSET, self.config.ratio)
-        return StepPlan(Mode.SKIP)
+        return StepPlan(Mode.SUBSET, c.ratio) if r % 2 else StepPlan(Mode.SKIP)
+
+    def site_k(self, site, layers, plan, step, num_steps):
+        return self.config.site_k(site, layers, plan, step, num_steps)
 
     def modes(self):
+        if self.config.cycles:
+            return {Mode.FULL, Mode.SUBSET, Mode.SKIP, Mode.PARTIAL}
         n = self.config.interval
-        return {Mode.FULL} | ({Mode.SUBSET} if n > 1 else set()) | ({Mode.SKIP} if n > 2 else set())
+        dynamic = self.config.interval_weight or self.config.forced_interval
+        return {Mode.FULL} | ({Mode.SUBSET} if n > 1 or dynamic else set()) | ({Mode.SKIP} if n > 2 or dynamic else set())

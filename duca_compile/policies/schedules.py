@@ -1,0 +1,152 @@
+"""Step and ratio schedules shared by the token-wise methods (ToCa, DuCa), as in the official code.
+
+The official samplers index steps their own way: DiT's DDIM loop counts *down* (49 … 0), PixArt's
+and OpenSora's count up. ``count_down`` maps our 0-based step to that index, so the formulas keep
+their published form.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .base import CacheConfig, StepPlan, check_int, check_unit
+
+__all__ = ["RatioSchedule", "TokenConfig", "official_step", "cycle_residues", "SELECTIONS"]
+
+SELECTIONS = ("random", "kv-norm")
+
+
+def official_step(step: int, num_steps: int | None, count_down: bool) -> int:
+    return num_steps - 1 - step if count_down else step
+
+
+@dataclass(frozen=True)
+class RatioSchedule:
+    """ToCa's ratio schedule ``R_eff = clamp(R · f_step · f_layer · f_module, 0, 1)``:
+    ``f_step = 1 + w_s − 2·w_s·x/T`` (x the official step index), ``f_layer = 1 + w_l − 2·w_l·l/(L−1)``,
+    ``f_module = 1 − (1−τ)·w_m`` for attention and ``1 + τ·w_m`` for the feed-forward.
+    A factor that reaches 0 means the site is reused, never partially computed."""
+
+    step_weight: float = 0.0
+    layer_weight: float = 0.0
+    module_weight: float = 0.0
+    module_tau: float = 0.5
+    count_down: bool = False
+
+    def __post_init__(self):
+        for name in ("step_weight", "layer_weight", "module_weight", "module_tau"):
+            if not isinstance(getattr(self, name), (int, float)):
+                raise ValueError(f"RatioSchedule.{name} must be a number, got {getattr(self, name)!r}")
+        check_unit("RatioSchedule", "module_tau", self.module_tau)
+
+    def factor(self, kind: str, layer: int, layers: int, step: int, num_steps: int | None) -> float:
+        f = 1.0
+        if self.step_weight:
+            x = official_step(step, num_steps, self.count_down)
+            f *= 1 + self.step_weight - 2 * self.step_weight * x / num_steps
+        f *= 1 + self.layer_weight - 2 * self.layer_weight * layer / max(layers - 1, 1)
+        w, tau = self.module_weight, self.module_tau
+        return f * (1 + tau * w if kind == "ff" else 1 - (1 - tau) * w)
+
+
+def cycle_residues(num_steps: int | None, step: int, interval: int, weight: float, count_down: bool,
+                   forced: tuple) -> int:
+    """0 if ``step`` is a full step, else its residue ``x % I`` (odd: conservative, even: aggressive).
+
+    The official rule: full on the first step or when ``x % I == 0``; each full step recomputes
+    ``I = round(interval / (1 + w − 2w·x/T))`` (or a forced value for ``lo <= x < hi``).
+    """
+    if not weight and not count_down and not forced:
+        return step % interval          # constant interval, counting up: no need for T
+    I, residue = interval, 0
+    for s in range(step + 1):
+        x = official_step(s, num_steps, count_down)
+        if s == 0 or x % I == 0:
+            I, residue = _interval_at(x, num_steps, interval, weight, forced), 0
+        else:
+            residue = x % I
+    return residue
+
+
+def _interval_at(x: int, num_steps: int, interval: int, weight: float, forced: tuple) -> int:
+    for lo, hi, value in forced:
+        if lo <= x < hi:
+            return value
+    if not weight:
+        return interval
+    return max(1, round(interval / (1 + weight - 2 * weight * x / num_steps)))
+
+
+@dataclass(frozen=True)
+class TokenConfig(CacheConfig):
+    """Fields of the token-wise methods (ToCa, DuCa).
+
+    interval (`int`, defaults to `3`): N, steps per cycle; the first step of a cycle is FULL.
+    ratio (`float`, defaults to `0.3`): R, fraction of tokens recomputed per site on conservative steps.
+    selection (`str`, defaults to `"random"`): base token score, "random" (DuCa v2) or "kv-norm"
+        (DuCa v1's V-caching: tokens whose value vectors have small norms first).
+    soft_fresh_weight (`float`, defaults to `0.0`): λ3, weight of the staleness score s3
+        (steps since a token was last computed, divided by ``interval``).
+    spatial_grid (`int`, defaults to `0`): g of the spatial bonus s4 (0 = off): in each g×g patch
+        of the token grid the best-scoring token gets ``+ spatial_bonus · score``.
+    spatial_bonus (`float`, defaults to `0.0`): the s4 bonus.
+    ratio_schedule (`RatioSchedule`, optional): per-step/layer/module factors on ``ratio``.
+    interval_weight (`float`, defaults to `0.0`): w of the step-dependent interval
+        ``I = round(N / (1 + w − 2w·x/T))`` (DiT: 0.4, i.e. ``N / (1.4 − 0.8·x/T)``).
+    count_down (`bool`, defaults to `False`): official step index counts down (DiT's DDIM loop).
+    forced_interval (`tuple`, defaults to `()`): ``((lo, hi, I), ...)``: interval forced to I for
+        official steps lo <= x < hi (DiT: ``((10, 20, 2),)``).
+    k_multiple (`int`, defaults to `1`): round each site's k down to a multiple of this, so a
+        ratio schedule yields fewer distinct k (fewer compiled variants).
+    """
+
+    interval: int = 3
+    ratio: float = 0.3
+    selection: str = "random"
+    soft_fresh_weight: float = 0.0
+    spatial_grid: int = 0
+    spatial_bonus: float = 0.0
+    ratio_schedule: RatioSchedule | None = None
+    interval_weight: float = 0.0
+    count_down: bool = False
+    forced_interval: tuple = ()
+    k_multiple: int = 1
+
+    def __post_init__(self):
+        super().__post_init__()
+        owner = type(self).__name__
+        check_int(owner, "interval", self.interval, 1)
+        check_unit(owner, "ratio", self.ratio)
+        if self.selection not in SELECTIONS:
+            raise ValueError(f"{owner}.selection must be one of {SELECTIONS}, got {self.selection!r} "
+                             "(attention-map scores need the attention matrix, which fused attention never forms)")
+        for name in ("soft_fresh_weight", "spatial_bonus"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or value < 0:
+                raise ValueError(f"{owner}.{name} must be a number >= 0, got {value!r}")
+        if not isinstance(self.interval_weight, (int, float)):
+            raise ValueError(f"{owner}.interval_weight must be a number, got {self.interval_weight!r}")
+        check_int(owner, "spatial_grid", self.spatial_grid, 0)
+        check_int(owner, "k_multiple", self.k_multiple, 1)
+        if self.ratio_schedule is not None and not isinstance(self.ratio_schedule, RatioSchedule):
+            raise ValueError(f"{owner}.ratio_schedule must be a RatioSchedule, got {self.ratio_schedule!r}")
+        forced = tuple(tuple(f) for f in self.forced_interval)
+        if any(len(f) != 3 or not all(isinstance(v, int) for v in f) or f[2] < 1 for f in forced):
+            raise ValueError(f"{owner}.forced_interval must be ((lo, hi, interval>=1), ...), got {self.forced_interval!r}")
+        object.__setattr__(self, "forced_interval", forced)
+
+    @property
+    def needs_num_steps(self) -> bool:
+        rs = self.ratio_schedule
+        return bool(self.interval_weight or self.count_down or self.forced_interval or (rs and rs.step_weight))
+
+    def residue(self, step: int, num_steps: int | None) -> int:
+        return cycle_residues(num_steps, step, self.interval, self.interval_weight, self.count_down,
+                              self.forced_interval)
+
+    def site_k(self, site, layers: int, plan: StepPlan, step: int, num_steps: int | None) -> int:
+        ratio = plan.ratio
+        if self.ratio_schedule is not None:
+            f = self.ratio_schedule.factor(site.kind, site.layer, layers, step, num_steps)
+            ratio = min(max(ratio * f, 0.0), 1.0)
+        k = int(ratio * site.tokens[0])
+        return k - k % self.k_multiple

@@ -1,0 +1,52 @@
+"""TaylorSeer (arXiv 2503.06923): forecast branch outputs from finite differences of past full steps.
+
+At each FULL step every branch keeps ``Δ⁰ = F`` and ``Δ^{i+1} = (Δ^i_new − Δ^i_old) / d`` (d: steps
+between the last two full steps), up to ``max_order`` and only as far as history allows. Other
+steps are REUSE steps whose compiled variant outputs ``Σ_i Δ^i · k^i / i!`` (k: steps since the
+last full step) in place of each branch. Order 0 is FORA.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .base import CacheConfig, CachePolicy, Mode, StepPlan, check_int, register_policy
+
+__all__ = ["TaylorSeerConfig", "TaylorSeerPolicy", "counter_full_step"]
+
+
+def counter_full_step(step: int, interval: int, first_enhance: int) -> bool:
+    """The official counter schedule: ``first_enhance`` warm-up full steps, then one every ``interval``."""
+    return step < first_enhance or (step - (first_enhance - 1)) % interval == 0
+
+
+@dataclass(frozen=True)
+class TaylorSeerConfig(CacheConfig):
+    """interval (`int`, defaults to `4`): N, a FULL step every N steps after the warm-up.
+    max_order (`int`, defaults to `2`): highest finite difference kept (0 = FORA).
+    first_enhance (`int`, defaults to `2`): warm-up FULL steps at the start of a request; no
+        differences are taken at steps ``<= first_enhance − 2``, as in the official code."""
+
+    interval: int = 4
+    max_order: int = 2
+    first_enhance: int = 2
+
+    def __post_init__(self):
+        super().__post_init__()
+        owner = type(self).__name__
+        check_int(owner, "interval", self.interval, 1)
+        check_int(owner, "max_order", self.max_order, 0)
+        check_int(owner, "first_enhance", self.first_enhance, 1)
+
+
+@register_policy(TaylorSeerConfig)
+class TaylorSeerPolicy(CachePolicy):
+    def __init__(self, config):
+        super().__init__(config)
+        self.taylor_orders = config.max_order
+
+    def plan(self, step, num_steps=None):
+        c = self.config
+        return StepPlan(Mode.FULL if counter_full_step(step, c.interval, c.first_enhance) else Mode.REUSE)
+
+    def modes(self):
+        return {Mode.FULL} if self.config.interval == 1 else {Mode.FULL, Mode.REUSE}
