@@ -1,9 +1,12 @@
-"""duca-compile: DiT feature caching (DuCa, FORA, …) as a torch.compile backend."""
+"""duca-compile: DiT feature caching (DuCa, ToCa, FORA, TaylorSeer, ClusCa) as a torch.compile backend."""
 from .backend import DuCaBackend, duca_backend
-from .policies import CacheConfig, DuCaConfig, FORAConfig, Mode, ScriptedConfig
+from .policies import (CacheConfig, ClusCaConfig, DuCaConfig, FORAConfig, Mode, RatioSchedule, ScriptedConfig,
+                       TaylorSeerConfig, ToCaConfig)
+from .policies.presets import presets
 from .report import explain, stats
 from .runtime import reset, sampling
 
-__all__ = ["duca_backend", "DuCaBackend", "CacheConfig", "DuCaConfig", "FORAConfig", "ScriptedConfig", "Mode",
+__all__ = ["duca_backend", "DuCaBackend", "CacheConfig", "DuCaConfig", "FORAConfig", "ToCaConfig",
+           "TaylorSeerConfig", "ClusCaConfig", "RatioSchedule", "ScriptedConfig", "Mode", "presets",
            "stats", "explain", "reset", "sampling"]
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -23,12 +23,22 @@ def _require(model):
     return st
 
 
-def stats(model) -> dict:
-    """Calls per mode, tokens computed, requests seen, cache hits, resets and compile time."""
+def stats(model, flops: bool = True) -> dict:
+    """Calls per mode, tokens computed, requests seen, cache hits, resets and compile time.
+
+    With ``flops`` (counted lazily here, once per variant, on fake tensors: see ``duca_compile.flops``):
+    ``flops_run`` (FLOPs of every call so far), ``flops_full`` (what the uncached model would have
+    run for the same calls), ``flop_ratio``, ``tokens_per_site`` (tokens computed per site) and
+    ``flops_clustering`` (ClusCa's k-means, an analytic estimate not included in ``flops_run``).
+    """
     st = _require(model)
     out = st.stats.as_dict()
     out["config"] = st.config
     out["token_ratio"] = out["tokens_computed"] / out["tokens_total"] if out["tokens_total"] else 1.0
+    if flops:
+        from .flops import model_flops
+
+        out.update(model_flops(st))
     return out
 
 

@@ -4,8 +4,11 @@ import math
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from duca_compile import DuCaConfig, FORAConfig, Mode
-from duca_compile.policies import make_policy
+import pytest
+
+import duca_compile
+from duca_compile import ClusCaConfig, DuCaConfig, FORAConfig, Mode, RatioSchedule, TaylorSeerConfig, ToCaConfig
+from duca_compile.policies import StepPlan, make_policy
 
 
 @settings(max_examples=200)
@@ -33,3 +36,131 @@ def test_duca_matches_the_official_pixart_pattern():
     for interval, pattern in patterns.items():
         policy = make_policy(DuCaConfig(interval=interval))
         assert "".join(letters[policy.plan(s).mode] for s in range(6)) == pattern
+
+
+def _letters(config, steps):
+    policy = make_policy(config)
+    names = {Mode.FULL: "F", Mode.SUBSET: "C", Mode.SKIP: "A", Mode.REUSE: "R"}
+    return "".join(names[policy.plan(s, steps).mode] for s in range(steps))
+
+
+@settings(max_examples=200)
+@given(n=st.integers(1, 8), steps=st.integers(1, 80), weight=st.sampled_from([0.0, 0.4]),
+       forced=st.sampled_from([(), ((10, 20, 2),)]))
+def test_duca_counting_down_follows_the_official_dit_rule(n, steps, weight, forced):
+    """Re-derive the DiT schedule from the rule as written (x counts down; full when x % I == 0,
+    I recomputed there; odd residue conservative, even aggressive) and compare."""
+    config = DuCaConfig(interval=n, count_down=True, interval_weight=weight, forced_interval=forced)
+    expected, interval = "", n
+    for x in range(steps - 1, -1, -1):
+        if x == steps - 1 or x % interval == 0:
+            expected += "F"
+            f = next((v for lo, hi, v in forced if lo <= x < hi), None)
+            interval = f or max(1, round(n / (1 + weight - 2 * weight * x / steps))) if weight or f else n
+        else:
+            expected += "C" if (x % interval) % 2 else "A"
+    assert _letters(config, steps) == expected
+
+
+def test_dit_duca_preset_runs_the_interval_down_to_two():
+    letters = _letters(duca_compile.presets("dit-xl-2", "duca"), 50)
+    assert letters.startswith("FCACF")                 # I = round(3 / 0.616) = 5 at the first step
+    assert "A" not in letters[30:]                     # x < 20: I <= 2 leaves no aggressive step
+    assert letters[30:40] == "CF" * 5                  # forced I = 2 for x in [10, 20): full on even x
+    counts = {c: letters.count(c) for c in "FCA"}
+    assert counts == {"F": 20, "C": 22, "A": 8}        # the official per-layer quirk gives 18/23/9
+
+
+def test_opensora_cycles_compute_cross_attention_only_every_sixth_step():
+    config = duca_compile.presets("opensora", "duca")
+    policy = make_policy(config)
+    sites = [_site("b.0.attn1", "self_attn"), _site("b.0.attn2", "cross_attn"), _site("b.0.ff", "ff")]
+    computed = {s.name: [] for s in sites}
+    for step in range(30):
+        plan = policy.plan(step, 30)
+        actions, skip = policy.actions(plan, sites, 1, step, 30)
+        for name, a in actions.items():
+            if a == "compute" and not skip:
+                computed[name].append(step)
+        assert skip == (step >= 3 and step % 3 == 2)
+        assert actions["b.0.attn2"] in ("compute", "reuse")   # f_module = 1 - 0.67 * 1.5 < 0: never subset
+        assert actions["b.0.attn1"] in ("compute", "reuse")
+    assert computed["b.0.attn2"] == [0, 1, 2, 6, 12, 18, 24]
+    assert computed["b.0.attn1"] == computed["b.0.ff"] == [0, 1, 2, 3] + list(range(6, 30, 3))
+
+
+def _site(name, kind, tokens=256, layer=0):
+    from duca_compile.passes import Site
+    return Site(name=name, block=name.rsplit(".", 1)[0], kind=kind, outputs=["x"], streams=["s"], tokens=[tokens],
+                subset_reason="" if kind != "self_attn" else "self-attention", layer=layer)
+
+
+@settings(max_examples=300)
+@given(ratio=st.floats(0, 1), ws=st.floats(-3, 3), wl=st.floats(-1, 1), wm=st.floats(0, 3), tau=st.floats(0, 1),
+       down=st.booleans(), layers=st.integers(1, 40), steps=st.integers(1, 60), tokens=st.integers(1, 4096),
+       kind=st.sampled_from(["cross_attn", "ff"]), multiple=st.integers(1, 16), data=st.data())
+def test_ratio_schedule_keeps_k_within_the_tokens(ratio, ws, wl, wm, tau, down, layers, steps, tokens, kind,
+                                                   multiple, data):
+    schedule = RatioSchedule(step_weight=ws, layer_weight=wl, module_weight=wm, module_tau=tau, count_down=down)
+    config = ToCaConfig(ratio=ratio, ratio_schedule=schedule, k_multiple=multiple)
+    policy = make_policy(config)
+    layer, step = data.draw(st.integers(0, layers - 1)), data.draw(st.integers(0, steps - 1))
+    site = _site("b.0.x", kind, tokens, layer)
+    k = policy.site_k(site, layers, StepPlan(Mode.SUBSET, ratio), step, steps)
+    assert 0 <= k <= tokens and k % multiple == 0
+
+
+def test_dit_ratio_schedule_never_subsets_attention_and_reuses_early_mlp():
+    policy = make_policy(duca_compile.presets("dit-xl-2", "toca"))
+    attn, ff0, ff27 = _site("b.0.attn", "cross_attn"), _site("b.0.ff", "ff", layer=0), _site("b.27.ff", "ff", layer=27)
+    plan = StepPlan(Mode.SUBSET, 0.07)
+    assert all(policy.site_k(attn, 28, plan, s, 50) == 0 for s in range(50))     # attention factor 0
+    assert all(policy.site_k(ff0, 28, plan, s, 50) == 0 for s in range(12))      # f_step < 0 early on
+    assert 0 < policy.site_k(ff0, 28, plan, 45, 50) < policy.site_k(ff27, 28, plan, 45, 50)
+
+
+@settings(max_examples=200)
+@given(n=st.integers(1, 10), first=st.integers(1, 5), steps=st.integers(1, 80))
+def test_taylorseer_warms_up_then_computes_every_interval(n, first, steps):
+    letters = _letters(TaylorSeerConfig(interval=n, first_enhance=first), steps)
+    full = [i for i, c in enumerate(letters) if c == "F"]
+    assert full[: min(first, steps)] == list(range(min(first, steps)))
+    assert all(b - a == n for a, b in zip(full[first - 1:], full[first:]))
+    assert set(letters) <= {"F", "R"} and (steps - full[-1] <= n)
+    assert _letters(TaylorSeerConfig(interval=n, first_enhance=1), steps) == _letters(FORAConfig(interval=n), steps)
+
+
+def test_policy_needing_num_steps_says_how_to_pass_it():
+    policy = make_policy(duca_compile.presets("dit-xl-2", "duca"))
+    with pytest.raises(ValueError, match="sampling\\(model, num_steps=N\\)|enable\\(pipe"):
+        policy.plan(3, None)
+
+
+def test_presets_list_and_reject_unknown_names():
+    assert "duca" in duca_compile.presets()["dit-xl-2"]
+    assert isinstance(duca_compile.presets("flux-dev", "clusca"), ClusCaConfig)
+    with pytest.raises(ValueError, match="valid models: dit-xl-2"):
+        duca_compile.presets("sdxl", "duca")
+    with pytest.raises(ValueError, match="valid methods for it: .*taylorseer"):
+        duca_compile.presets("flux-dev", "duca-v3")
+
+
+@pytest.mark.parametrize("bad, field", [
+    (lambda: ToCaConfig(ratio=-0.1), "ratio"),
+    (lambda: ToCaConfig(interval=0), "interval"),
+    (lambda: ToCaConfig(selection="attention"), "selection"),
+    (lambda: ToCaConfig(spatial_grid=-1), "spatial_grid"),
+    (lambda: ToCaConfig(soft_fresh_weight=-1.0), "soft_fresh_weight"),
+    (lambda: ToCaConfig(forced_interval=((10, 20),)), "forced_interval"),
+    (lambda: DuCaConfig(cycles=(("self_attn", "FXA"),)), "cycles"),
+    (lambda: DuCaConfig(warmup=-1), "warmup"),
+    (lambda: RatioSchedule(module_tau=2.0), "module_tau"),
+    (lambda: TaylorSeerConfig(max_order=-1), "max_order"),
+    (lambda: TaylorSeerConfig(interval=0), "interval"),
+    (lambda: ClusCaConfig(clusters=0), "clusters"),
+    (lambda: ClusCaConfig(propagation=1.5), "propagation"),
+    (lambda: FORAConfig(compute_first=-1), "compute_first"),
+])
+def test_bad_method_config_raises_value_error_naming_the_field(bad, field):
+    with pytest.raises(ValueError, match=field):
+        bad()

@@ -28,11 +28,9 @@ class DuCaConfig(TokenConfig):
         ``(("self_attn", "FCA"), ("ff", "FCA"), ("cross_attn", "FCACCA"))``: site kind -> letters
         F (full), C (conservative), A (aggressive) indexed by ``step % len``. A step where every
         kind is A skips the whole stack.
-    warmup (`int`, defaults to `0`): the first ``warmup`` steps are FULL (OpenSora: 3).
     """
 
     cycles: tuple = ()
-    warmup: int = 0
 
     def __post_init__(self):
         super().__post_init__()
@@ -44,8 +42,6 @@ class DuCaConfig(TokenConfig):
         if cycles and {c[0] for c in cycles} != set(_KINDS):
             raise ValueError(f"DuCaConfig.cycles must give a cycle for every kind {_KINDS}, got {self.cycles!r}")
         object.__setattr__(self, "cycles", cycles)
-        if not isinstance(self.warmup, int) or self.warmup < 0:
-            raise ValueError(f"DuCaConfig.warmup must be an int >= 0, got {self.warmup!r}")
 
 
 @register_policy(DuCaConfig)

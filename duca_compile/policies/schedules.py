@@ -97,6 +97,7 @@ class TokenConfig(CacheConfig):
         official steps lo <= x < hi (DiT: ``((10, 20, 2),)``).
     k_multiple (`int`, defaults to `1`): round each site's k down to a multiple of this, so a
         ratio schedule yields fewer distinct k (fewer compiled variants).
+    warmup (`int`, defaults to `0`): the first ``warmup`` steps are FULL (ToCa-FLUX, OpenSora: 3).
     """
 
     interval: int = 3
@@ -110,6 +111,7 @@ class TokenConfig(CacheConfig):
     count_down: bool = False
     forced_interval: tuple = ()
     k_multiple: int = 1
+    warmup: int = 0
 
     def __post_init__(self):
         super().__post_init__()
@@ -127,6 +129,7 @@ class TokenConfig(CacheConfig):
             raise ValueError(f"{owner}.interval_weight must be a number, got {self.interval_weight!r}")
         check_int(owner, "spatial_grid", self.spatial_grid, 0)
         check_int(owner, "k_multiple", self.k_multiple, 1)
+        check_int(owner, "warmup", self.warmup, 0)
         if self.ratio_schedule is not None and not isinstance(self.ratio_schedule, RatioSchedule):
             raise ValueError(f"{owner}.ratio_schedule must be a RatioSchedule, got {self.ratio_schedule!r}")
         forced = tuple(tuple(f) for f in self.forced_interval)

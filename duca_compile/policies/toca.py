@@ -29,7 +29,7 @@ class ToCaPolicy(CachePolicy):
     def plan(self, step, num_steps=None):
         if self.needs_num_steps:
             self.require_num_steps(num_steps)
-        if self.config.residue(step, num_steps) == 0:
+        if step < self.config.warmup or self.config.residue(step, num_steps) == 0:
             return StepPlan(Mode.FULL)
         return StepPlan(Mode.SUBSET, self.config.ratio)
 

@@ -1,0 +1,477 @@
+"""FLOP accounting: exact FLOPs of each compiled variant, per request and per method.
+
+Every variant graph is counted once (memoized per runner and variant) by running it under
+``torch.utils.flop_counter.FlopCounterMode`` on fake tensors shaped like the graph's inputs, so
+nothing real runs and full-size models count on a CPU without their weights:
+
+    duca_compile.stats(fast)["flop_ratio"]               # FLOPs run / FLOPs of the uncached model
+    duca_compile.flops_report("dit-xl-2", FORAConfig(interval=3), num_steps=50, batch=2)
+    python -m duca_compile.flops                          # the README table, model x method
+
+Conventions (those of ``FlopCounterMode``): a multiply-add is 2 FLOPs; only matmuls, convolutions
+and attention are counted (norms, activations, gathers, cache copies count 0). CPU's fused
+attention kernel, which ``FlopCounterMode`` does not know, is counted like the CUDA ones.
+ClusCa's k-means runs outside the graph: it is estimated analytically and reported apart, as
+``flops_clustering``, never inside ``flops_run``.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import time
+import weakref
+from collections import Counter
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+from .policies import CacheConfig, ClusCaConfig, DuCaConfig, FORAConfig, Mode, TaylorSeerConfig, ToCaConfig
+
+__all__ = ["flop_counter", "count_flops", "variant_flops", "full_key", "runner_flops", "model_flops",
+           "clustering_flops", "flops_report", "flops_table", "MODELS", "default_configs"]
+
+aten = torch.ops.aten
+
+
+def _sdpa_cpu_flop(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+# FlopCounterMode knows the CUDA fused attention kernels and the math path (bmm), not CPU's fused one.
+_EXTRA_FORMULAS = {aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_cpu_flop}
+
+
+def flop_counter() -> FlopCounterMode:
+    """A ``FlopCounterMode(display=False)`` that also counts CPU's fused attention kernel."""
+    return FlopCounterMode(display=False, custom_mapping=_EXTRA_FORMULAS)
+
+
+def count_flops(fn, *args, **kwargs) -> int:
+    """FLOPs of one call ``fn(*args, **kwargs)`` (no grad), counted by ``flop_counter()``."""
+    with torch.no_grad(), flop_counter() as counter:
+        fn(*args, **kwargs)
+    return counter.get_total_flops()
+
+
+# -- one variant --------------------------------------------------------------------------------
+
+_MEMO: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()   # runner -> {variant key: FLOPs}
+
+
+def full_key(runner) -> tuple:
+    """The key of the variant computing every site (the uncached model, plus cache writes)."""
+    return runner.key({s.name: "compute" for s in runner.sitemap.sites}, False)
+
+
+def _actions_of(runner, key) -> tuple[dict, bool]:
+    skip, items = key
+    if skip:
+        return {s.name: "reuse" for s in runner.sitemap.sites}, True
+    return dict(items), False
+
+
+def _variant_graph(runner, key) -> fx.GraphModule:
+    gm = runner.variant_graphs.get(key)
+    if gm is None:                      # builds (and compiles with the runner's inner compiler) once
+        runner.variant(*_actions_of(runner, key))
+        gm = runner.variant_graphs[key]
+    return gm
+
+
+def _fake_inputs(runner, gm: fx.GraphModule, key, fake_mode) -> list:
+    """One fake tensor per placeholder: shape/stride/dtype/device from its ``example_value``
+    (Dynamo's fake tensor), else from the cache layout (duca's added placeholders)."""
+    specs = {c.placeholder: c for c in runner.layout.caches}
+    specs.update({s.placeholder: s for s in runner.layout.inputs(_actions_of(runner, key)[0])})
+    out = []
+    with fake_mode:
+        for node in (n for n in gm.graph.nodes if n.op == "placeholder"):
+            val = node.meta.get("example_value")
+            if isinstance(val, torch.Tensor):
+                out.append(torch.empty_strided(tuple(val.shape), tuple(val.stride()), dtype=val.dtype,
+                                               device=val.device))
+            elif node.name in specs:
+                s = specs[node.name]
+                out.append(torch.empty(s.shape, dtype=s.dtype, device=s.device))
+            elif val is not None and not isinstance(val, (torch.SymInt, torch.SymFloat)):
+                out.append(val)          # a Python constant input
+            else:
+                raise ValueError(f"duca flops: no static example value for graph input {node.name!r}")
+    return out
+
+
+def variant_flops(runner, key) -> int:
+    """FLOPs of one call of the variant ``key`` of ``runner``'s graph (memoized). Counted on
+    fake tensors in a fresh ``FakeTensorMode``: nothing real runs, any model size works. A
+    variant not built yet is built first, with the runner's inner compiler."""
+    memo = _MEMO.setdefault(runner, {})
+    if key not in memo:
+        gm = _variant_graph(runner, key)
+        fake_mode = torch._subclasses.FakeTensorMode(allow_non_fake_inputs=True)
+        inputs = _fake_inputs(runner, gm, key, fake_mode)
+        with fake_mode:
+            memo[key] = count_flops(gm, *inputs)
+    return memo[key]
+
+
+def _site_tokens(site, action, skip) -> int:
+    if skip or action == "reuse":
+        return 0
+    return sum(site.tokens) if action == "compute" else int(action)
+
+
+def clustering_flops(runner) -> int:
+    """Analytic FLOPs of ClusCa's k-means after one FULL call of ``runner``'s graph (0 for other
+    methods): per token count N, ``(5·iters + 3)·B·N·K·C`` — each Lloyd step is an L1 ``cdist``
+    (subtract, abs, add: 3 per element pair and channel) plus the one-hot centroid matmul (2),
+    and a last ``cdist`` assigns the tokens. Representative picking is O(B·N·K), ignored."""
+    config = runner.state.config
+    if runner.layout.propagation is None or not isinstance(config, ClusCaConfig):
+        return 0
+    from .passes import order_key
+
+    shapes = {c.key: c.shape for c in runner.layout.caches}
+    stack = [shapes[f"stack:{i}"] for i in range(len(runner.sitemap.stack_outputs))]
+    total = 0
+    for tokens in sorted({s.tokens[0] for s in runner.sitemap.sites if s.subsettable}):
+        shape = next((s for s in stack if len(s) == 3 and s[1] == tokens), None)
+        if shape is None:
+            last = [s for s in runner.sitemap.sites if s.subsettable and s.tokens[0] == tokens][-1]
+            shape = shapes[order_key(last.name, 0)]
+        b, n, c = shape[0], shape[1], shape[-1]
+        total += (5 * config.kmeans_iters + 3) * b * n * min(config.clusters, n) * c
+    return total
+
+
+def runner_flops(runner, calls: Counter | dict | None = None) -> dict:
+    """FLOP accounting of ``calls`` (variant key -> calls; default: the runner's own calls)."""
+    calls = runner.variant_calls if calls is None else calls
+    calls = {k: n for k, n in calls.items() if n}
+    full = variant_flops(runner, full_key(runner)) if calls else 0
+    run = sum(n * variant_flops(runner, k) for k, n in calls.items())
+    tokens = Counter()
+    for (skip, items), n in calls.items():
+        actions = dict(items)
+        for site in runner.sitemap.sites:
+            tokens[site.name] += n * _site_tokens(site, actions.get(site.name, "reuse"), skip)
+    full_calls = calls.get(full_key(runner), 0)
+    return {"flops_run": run, "flops_full": full * sum(calls.values()),
+            "flops_clustering": full_calls * clustering_flops(runner),
+            "tokens_per_site": {s.name: tokens[s.name] for s in runner.sitemap.sites}}
+
+
+def model_flops(state) -> dict:
+    """What ``duca_compile.stats`` adds: FLOPs run and FLOPs the uncached model would have run
+    over every call so far, their ratio, ClusCa's clustering estimate and tokens computed per site
+    (summed over calls and, for a model split into several graphs, over graphs)."""
+    out = {"flops_run": 0, "flops_full": 0, "flops_clustering": 0, "tokens_per_site": Counter()}
+    for ref in state.runners:
+        runner = ref()
+        if runner is None:
+            continue
+        r = runner_flops(runner)
+        for k in ("flops_run", "flops_full", "flops_clustering"):
+            out[k] += r[k]
+        out["tokens_per_site"].update(r["tokens_per_site"])
+    out["tokens_per_site"] = dict(out["tokens_per_site"])
+    out["flop_ratio"] = out["flops_run"] / out["flops_full"] if out["flops_full"] else 1.0
+    return out
+
+
+# -- full-size architectures on the meta device -------------------------------------------------
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A diffusers transformer config at full size, and the inputs of one call at ``batch``."""
+
+    cls: str
+    kwargs: dict
+    inputs: object          # (model, batch) -> keyword inputs, on the model's device
+    about: str = ""
+
+    def build(self, **overrides) -> torch.nn.Module:
+        import diffusers
+
+        return getattr(diffusers, self.cls)(**{**self.kwargs, **overrides}).eval()
+
+
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _dit_inputs(model, batch):
+    c, d = model.config, _device(model)
+    s = c.sample_size
+    return dict(hidden_states=torch.zeros(batch, c.in_channels, s, s, device=d),
+                timestep=torch.zeros(batch, device=d),
+                class_labels=torch.zeros(batch, dtype=torch.long, device=d), return_dict=False)
+
+
+def _pixart_inputs(model, batch, text_len=120):
+    c, d = model.config, _device(model)
+    s = c.sample_size
+    cond = {"resolution": None, "aspect_ratio": None}
+    if model.use_additional_conditions:
+        cond = {"resolution": torch.zeros(batch, 2, device=d), "aspect_ratio": torch.zeros(batch, 1, device=d)}
+    return dict(hidden_states=torch.zeros(batch, c.in_channels, s, s, device=d),
+                timestep=torch.zeros(batch, device=d),
+                encoder_hidden_states=torch.zeros(batch, text_len, c.caption_channels, device=d),
+                added_cond_kwargs=cond, return_dict=False)
+
+
+def _flux_inputs(model, batch, image_tokens=4096, text_len=512):
+    c, d = model.config, _device(model)
+    kw = dict(hidden_states=torch.zeros(batch, image_tokens, c.in_channels, device=d),
+              encoder_hidden_states=torch.zeros(batch, text_len, c.joint_attention_dim, device=d),
+              pooled_projections=torch.zeros(batch, c.pooled_projection_dim, device=d),
+              timestep=torch.zeros(batch, device=d), img_ids=torch.zeros(image_tokens, 3, device=d),
+              txt_ids=torch.zeros(text_len, 3, device=d), return_dict=False)
+    if c.guidance_embeds:
+        kw["guidance"] = torch.zeros(batch, device=d)
+    return kw
+
+
+MODELS: dict[str, ModelSpec] = {
+    "dit-xl-2": ModelSpec("DiTTransformer2DModel", dict(
+        num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8, num_layers=28,
+        sample_size=32, patch_size=2, num_embeds_ada_norm=1000, norm_type="ada_norm_zero"),
+        _dit_inputs, "DiT-XL/2, 256x256 (32x32 latent, 256 tokens), class-conditional"),
+    "pixart-alpha": ModelSpec("PixArtTransformer2DModel", dict(
+        num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8, num_layers=28,
+        cross_attention_dim=1152, sample_size=128, patch_size=2, caption_channels=4096,
+        norm_type="ada_norm_single", norm_elementwise_affine=False, norm_eps=1e-6, num_embeds_ada_norm=1000,
+        use_additional_conditions=True), _pixart_inputs,
+        "PixArt-alpha XL/2, 1024x1024 (4096 tokens), 120 T5 tokens"),
+    "flux-dev": ModelSpec("FluxTransformer2DModel", dict(
+        patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+        num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
+        axes_dims_rope=(16, 56, 56)), _flux_inputs,
+        "FLUX.1-dev, 1024x1024 (4096 image tokens), 512 T5 tokens"),
+}
+
+_FAMILY_INPUTS = {"DiTTransformer2DModel": _dit_inputs, "PixArtTransformer2DModel": _pixart_inputs,
+                  "FluxTransformer2DModel": _flux_inputs}
+
+
+def meta_model(name: str, **overrides) -> torch.nn.Module:
+    """A registry model built on the ``meta`` device: full-size shapes, no weights."""
+    if name not in MODELS:
+        raise ValueError(f"model must be one of {sorted(MODELS)} or an nn.Module, got {name!r}")
+    with torch.device("meta"):
+        return MODELS[name].build(**overrides)
+
+
+def model_inputs(model: torch.nn.Module, batch: int = 2) -> dict:
+    """Keyword inputs of one call of a DiT / PixArt / Flux transformer, on its device."""
+    fn = _FAMILY_INPUTS.get(type(model).__name__)
+    if fn is None:
+        raise ValueError(f"no input recipe for {type(model).__name__}: pass inputs=dict(...) to flops_report")
+    return fn(model, batch)
+
+
+# One trace per (model, inputs) is enough for every config: Dynamo's graph and example inputs are
+# kept and handed to a fresh duca backend per config, exactly as torch.compile would hand them.
+_TRACES: dict = {}
+
+
+@dataclass
+class _Trace:
+    gm: fx.GraphModule
+    example_inputs: list
+    fake_mode: object
+    model: torch.nn.Module
+    seconds: float
+
+
+def _trace(model: torch.nn.Module, inputs: dict) -> _Trace:
+    captured = []
+
+    def capture(gm, example_inputs):
+        captured.append((gm, list(example_inputs), torch._guards.detect_fake_mode(example_inputs)))
+        return gm.forward
+
+    start = time.perf_counter()
+    limits = {k: 1 << 16 for k in ("recompile_limit", "accumulated_recompile_limit")
+              if hasattr(torch._dynamo.config, k)}
+    with torch.no_grad(), torch._dynamo.config.patch(**limits):
+        torch.compile(model, backend=capture, fullgraph=True, dynamic=False)(**inputs)
+    if len(captured) != 1:
+        raise RuntimeError(f"duca flops: expected one graph, Dynamo made {len(captured)}")
+    gm, example_inputs, fake_mode = captured[0]
+    return _Trace(gm, example_inputs, fake_mode, model, time.perf_counter() - start)
+
+
+def _runner(trace: _Trace, config: CacheConfig):
+    from .backend import DuCaBackend
+    from .runtime import _STATES
+
+    params = [x for x in trace.example_inputs if isinstance(x, torch.nn.Parameter)]
+    before = _STATES.get(id(params[0])) if params else None
+    ctx = torch._guards.TracingContext(trace.fake_mode) if trace.fake_mode is not None else None
+    try:
+        with torch.no_grad(), (torch._guards.tracing(ctx) if ctx is not None else contextlib.nullcontext()):
+            runner = DuCaBackend(config, inner="eager")(trace.gm, trace.example_inputs)
+    finally:   # leave the model's own duca state (if any) as it was
+        if params:
+            if before is None:
+                _STATES.pop(id(params[0]), None)
+            else:
+                _STATES[id(params[0])] = before
+    if not hasattr(runner, "plan_step"):
+        raise RuntimeError("duca flops: the duca backend found no cache sites in this model")
+    return runner
+
+
+def _variant_label(key) -> str:
+    from .report import _variant_name
+
+    return _variant_name(key)
+
+
+def flops_report(model, config: CacheConfig, num_steps: int = 50, batch: int = 2, inputs: dict | None = None,
+                 **model_overrides) -> dict:
+    """FLOPs of one request of ``num_steps`` denoising steps under ``config``, against the uncached model.
+
+    model: a name in ``MODELS`` ("dit-xl-2", "pixart-alpha", "flux-dev"), built on the ``meta``
+        device (``model_overrides`` change its config, e.g. ``num_layers=2``), or an ``nn.Module``
+        (put it on ``meta`` to count without weights; it is traced with one plain call).
+    inputs: keyword inputs of one call (default: the family's recipe at ``batch``, e.g. both
+        classifier-free-guidance branches in one batch of 2).
+
+    Step 0 is FULL; step i follows ``policy.plan(i, num_steps)``, as one request runs. Returns
+    ``flops_full`` (num_steps x one FULL step), ``flops_run``, ``flop_ratio``, ``speedup_flops``,
+    ``steps`` (steps per mode), ``flops_per_mode`` (one step of each mode seen; the mean when a
+    mode has several variants, e.g. per-step ratios), ``flops_per_variant``, ``tokens_per_site``
+    (tokens computed over the request), ``flops_clustering`` (ClusCa's k-means, apart) and the
+    trace and counting times in seconds.
+    """
+    if not isinstance(config, CacheConfig):
+        raise ValueError(f"config must be a CacheConfig such as FORAConfig(...), got {type(config).__name__}")
+    if not isinstance(num_steps, int) or num_steps < 1:
+        raise ValueError(f"num_steps must be an int >= 1, got {num_steps!r}")
+    if isinstance(model, str):
+        name = model
+        cache_key = (name, batch, tuple(sorted(model_overrides.items())))
+        trace = _TRACES.get(cache_key) if inputs is None else None
+        if trace is None:
+            module = meta_model(name, **model_overrides)
+            trace = _trace(module, inputs or model_inputs(module, batch))
+            _TRACES.clear()                     # keep one traced model alive at a time
+            if inputs is None:
+                _TRACES[cache_key] = trace
+    elif isinstance(model, torch.nn.Module):
+        if model_overrides:
+            raise ValueError(f"model config overrides {sorted(model_overrides)} need a model name")
+        name = type(model).__name__
+        trace = _trace(model, inputs or model_inputs(model, batch))
+    else:
+        raise ValueError(f"model must be one of {sorted(MODELS)} or an nn.Module, got {model!r}")
+
+    start = time.perf_counter()
+    runner = _runner(trace, config)
+    calls: Counter = Counter()
+    modes: Counter = Counter()
+    per_mode: dict = {}
+    for step in range(num_steps):
+        if step == 0:                                   # a request always starts with a FULL step
+            actions, skip, mode = {s.name: "compute" for s in runner.sitemap.sites}, False, Mode.FULL
+        else:
+            plan, actions, skip = runner.plan_step(step, num_steps)
+            mode = plan.mode
+        key = runner.key(actions, skip)
+        calls[key] += 1
+        modes[mode.value] += 1
+        per_mode.setdefault(mode.value, []).append(variant_flops(runner, key))
+    acc = runner_flops(runner, calls)
+    full_step = variant_flops(runner, full_key(runner))
+    ratio = acc["flops_run"] / acc["flops_full"]
+    return {
+        "model": name, "config": config, "num_steps": num_steps, "batch": batch,
+        "flops_full_step": full_step, "flops_full": acc["flops_full"], "flops_run": acc["flops_run"],
+        "flop_ratio": ratio, "speedup_flops": 1.0 / ratio if ratio else float("inf"),
+        "steps": {m.value: modes.get(m.value, 0) for m in Mode},
+        "flops_per_mode": {m: sum(v) / len(v) for m, v in per_mode.items()},
+        "flops_per_variant": {_variant_label(k): variant_flops(runner, k) for k in calls},
+        "flops_clustering": acc["flops_clustering"], "tokens_per_site": acc["tokens_per_site"],
+        "trace_seconds": trace.seconds, "count_seconds": time.perf_counter() - start,
+    }
+
+
+# -- tables -------------------------------------------------------------------------------------
+
+METHODS = ("fora", "toca", "duca", "taylorseer", "clusca")
+
+
+def default_configs() -> dict[str, CacheConfig]:
+    """One config per method, used when ``duca_compile.presets`` does not exist."""
+    return {"fora": FORAConfig(interval=3), "toca": ToCaConfig(interval=3, ratio=0.07),
+            "duca": DuCaConfig(interval=3, ratio=0.05), "taylorseer": TaylorSeerConfig(interval=4, max_order=4),
+            "clusca": ClusCaConfig(interval=5, clusters=16)}
+
+
+def _preset_configs(model: str) -> dict[str, CacheConfig]:
+    """``duca_compile.presets(model, method)`` per method where it exists, else ``default_configs()``."""
+    import duca_compile
+
+    presets = getattr(duca_compile, "presets", None)
+    if not callable(presets):
+        try:
+            from .policies import presets as module
+            presets = getattr(module, "presets", None)
+        except ImportError:
+            presets = None
+    defaults = default_configs()
+    if not callable(presets):
+        return defaults
+    out = {}
+    for method in METHODS:
+        try:
+            out[method] = presets(model, method)
+        except (KeyError, ValueError, TypeError):
+            out[method] = defaults[method]
+    return out
+
+
+def flops_table(models=tuple(MODELS), configs: dict | None = None, num_steps: int = 50, batch: int = 2,
+                reports: list | None = None) -> str:
+    """A markdown table, one row per model: one FULL step's TFLOPs, then per method the FLOP
+    speed-up over the uncached model and the FLOP ratio. ``configs``: method name -> config
+    (default: the presets per model). ``reports``, if a list, receives every report."""
+    rows, methods = [], None
+    for name in models:
+        cfgs = configs if configs is not None else _preset_configs(name)
+        methods = methods or list(cfgs)
+        cells, full = [], None
+        for method in methods:
+            r = flops_report(name, cfgs[method], num_steps=num_steps, batch=batch)
+            full = r["flops_full_step"]
+            cells.append(f"{r['speedup_flops']:.2f}x ({r['flop_ratio']:.1%})")
+            if reports is not None:
+                reports.append({**r, "method": method})
+        rows.append(f"| {name} | {full / 1e12:.3f} | " + " | ".join(cells) + " |")
+    head = f"| model | FULL step TFLOPs (batch {batch}) | " + " | ".join(methods) + " |"
+    sep = "|" + "---|" * (2 + len(methods))
+    return "\n".join([head, sep, *rows])
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(prog="python -m duca_compile.flops",
+                                description="FLOPs per method on full-size models (meta device, no weights)")
+    p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--batch", type=int, default=2)
+    args = p.parse_args(argv)
+    reports: list = []
+    table = flops_table(args.models, num_steps=args.steps, batch=args.batch, reports=reports)
+    print(f"FLOP speed-up (FLOP ratio) over {args.steps} steps; one FULL step's TFLOPs at batch {args.batch}.\n")
+    print(table)
+    print()
+    for r in reports:
+        extra = f", k-means {r['flops_clustering'] / 1e12:.3f} TFLOPs" if r["flops_clustering"] else ""
+        print(f"{r['model']:13s} {r['method']:11s} {r['config']!r}: steps {r['steps']}{extra}")
+
+
+if __name__ == "__main__":
+    main()

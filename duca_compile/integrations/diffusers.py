@@ -1,0 +1,293 @@
+"""``enable(pipe, config)`` / ``disable(pipe)``: feature caching for a diffusers DiT pipeline.
+
+    pipe = FluxPipeline.from_pretrained(...)
+    duca_compile.enable(pipe, FORAConfig(interval=3))   # compiles pipe.transformer in place
+    image = pipe(prompt, num_inference_steps=28).images[0]
+    duca_compile.disable(pipe)                          # back to the plain pipeline
+
+The denoising step is taken from the pipeline, never from the timestep tensor (no
+device-to-host copy per call): the scheduler's ``set_timesteps`` starts a request of
+``len(scheduler.timesteps)`` steps, its ``step`` ends a step, and the transformer's
+``cache_context(name)`` (Flux, Wan, ... run cond and uncond as separate calls) gives each named
+pass its own cache slot. Only this pipeline's scheduler and transformer *instances* are patched;
+their classes are untouched. diffusers itself is not imported here.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import weakref
+from dataclasses import dataclass, field
+
+import torch
+
+from ..backend import duca_backend
+from ..policies import CacheConfig, DuCaConfig
+from ..runtime import ModelState, PipelineDriver
+
+__all__ = ["enable", "disable"]
+
+_RECORD = "_duca_compile_enabled"          # pipe.__dict__ key of the _Enabled record
+_MARK = "_duca_compile_patch"              # set on every wrapper function we install
+_MODEL_NAMES = {"DiTTransformer2DModel": "dit", "PixArtTransformer2DModel": "pixart",
+                "FluxTransformer2DModel": "flux", "SD3Transformer2DModel": "sd3"}
+# transformer -> the last _PipelineBackend made for it: re-enabling with the same settings reuses it,
+# so Dynamo's cached graphs (guarded on the backend object) are reused instead of recompiled.
+_BACKENDS: "weakref.WeakKeyDictionary[torch.nn.Module, _PipelineBackend]" = weakref.WeakKeyDictionary()
+
+
+class _PipelineBackend:
+    """The duca backend, plus: every caching state it compiles a graph for is driven by ``driver``.
+
+    The state is found on the runner the backend returns, not attached up front by
+    ``next(transformer.parameters())``: the backend keys a state by the first parameter *the graph
+    uses* (PixArt: ``pos_embed.proj.weight``, not ``scale_shift_table``; Flux: ``x_embedder.weight``),
+    so a state attached up front would be a second, never-called state that ``stats`` could find first.
+    """
+
+    def __init__(self, key: tuple, config: CacheConfig, inner: str, mode, options):
+        self.key = key
+        self.duca = duca_backend(config, inner=inner, mode=mode, options=options)
+        self.driver = PipelineDriver()
+        self.states: weakref.WeakSet[ModelState] = weakref.WeakSet()
+        self.enabled = False
+
+    def __call__(self, gm, example_inputs, **kwargs):
+        out = self.duca(gm, example_inputs, **kwargs)
+        state = getattr(out, "state", None)          # a GraphRunner; a plainly compiled graph has none
+        if isinstance(state, ModelState):
+            self.states.add(state)
+            if self.enabled:
+                state.driver = self.driver
+        return out
+
+    def connect(self, on: bool) -> None:
+        self.enabled = on
+        for state in list(self.states):
+            if on:
+                state.driver = self.driver
+            elif state.driver is self.driver:
+                state.driver = None
+        if not on:
+            self.driver.active, self.driver.context = False, None
+
+
+@dataclass
+class _Enabled:
+    key: tuple
+    transformer: torch.nn.Module
+    backend: _PipelineBackend
+    swapped_out: torch.nn.Module | None         # pipe.transformer before enable, when it was torch.compile'd
+    previous_compiled_call: object
+    patches: list = field(default_factory=list)  # (object, attribute name, had own attribute, previous value)
+
+
+def enable(pipe, config: CacheConfig | str | tuple | None = None, *, inner: str = "inductor", mode: str | None = None,
+           options: dict | None = None, fullgraph: bool = False):
+    """Turn on feature caching for a diffusers pipeline with a ``.transformer``; returns ``pipe``.
+
+    config: a ``CacheConfig`` (``FORAConfig(interval=3)``, ``DuCaConfig()``, ...); ``None`` means
+        ``DuCaConfig()``; a preset as ``"model:method"``, ``(model, method)`` or just ``"method"``
+        (model inferred from the transformer class), when this version has presets.
+    inner, mode, options: how each variant is compiled (see ``duca_backend``); ``inner="eager"``
+        compiles nothing but the cache rewrites, for tests and debugging.
+    fullgraph: passed to ``torch.compile``; shapes are always static (``dynamic=False``), one graph per
+        resolution / batch size.
+
+    Calling it again with the same arguments does nothing; with other arguments it re-enables.
+    Call it after replacing ``pipe.scheduler``: the scheduler present now is the one that is patched.
+    """
+    transformer = getattr(pipe, "transformer", None)
+    if not isinstance(transformer, torch.nn.Module):
+        what = "a UNet pipeline (pipe.unet)" if isinstance(getattr(pipe, "unet", None), torch.nn.Module) else \
+            f"{type(pipe).__name__} has no `.transformer` module"
+        raise ValueError(f"duca_compile.enable needs a diffusers pipeline with a `.transformer` (DiT, PixArt, Flux, "
+                         f"SD3, ...): {what}")
+    scheduler = getattr(pipe, "scheduler", None)
+    if not (callable(getattr(scheduler, "set_timesteps", None)) and callable(getattr(scheduler, "step", None))):
+        raise ValueError(f"duca_compile.enable needs `pipe.scheduler` with set_timesteps() and step(); "
+                         f"got {type(scheduler).__name__}")
+    base = getattr(transformer, "_orig_mod", transformer)       # an already torch.compile'd transformer
+    if not isinstance(base, torch.nn.Module) or next(base.parameters(), None) is None:
+        raise ValueError("duca_compile.enable: pipe.transformer has no parameters")
+    config = _resolve_config(config, base)
+    key = (config, inner, mode, tuple(sorted((options or {}).items(), key=lambda kv: kv[0])), bool(fullgraph))
+
+    record = pipe.__dict__.get(_RECORD)
+    if record is not None:
+        if record.key == key and record.transformer is base and pipe.transformer is base \
+                and getattr(scheduler.step, _MARK, None) is record.backend:
+            return pipe                          # already enabled exactly so: never wrap twice
+        disable(pipe)
+        transformer = pipe.transformer
+        base = getattr(transformer, "_orig_mod", transformer)
+    for obj, name in ((scheduler, "set_timesteps"), (scheduler, "step"), (base, "cache_context")):
+        if getattr(getattr(obj, name, None), _MARK, None) is not None:
+            raise ValueError(f"duca_compile.enable: this pipeline's {type(obj).__name__} is already patched by "
+                             "another enabled pipeline sharing it; call duca_compile.disable on that one first")
+
+    backend = _BACKENDS.get(base)
+    if backend is None or backend.key != key:
+        backend = _PipelineBackend(key, config, inner, mode, options)   # validates inner
+        _BACKENDS[base] = backend
+    record = _Enabled(key=key, transformer=base, backend=backend,
+                      swapped_out=transformer if transformer is not base else None,
+                      previous_compiled_call=base.__dict__.get("_compiled_call_impl"))
+    try:
+        if record.swapped_out is not None:
+            pipe.transformer = base
+        # Compiled in place (nn.Module.compile) rather than replaced by torch.compile's OptimizedModule:
+        # pipe.transformer stays the very object and class every pipeline expects (config, dtype,
+        # cache_context, isinstance checks, offload hooks, save_pretrained all see the original), the
+        # cache_context patch below sits on the object the pipeline calls, and disable() only has to
+        # drop _compiled_call_impl. All four tiny pipelines (DiT, PixArt, Flux, SD3) run either way.
+        base.compile(backend=backend, fullgraph=fullgraph, dynamic=False)
+        _install(record, scheduler, base)
+        backend.connect(True)
+    except BaseException:
+        _undo(pipe, record)
+        raise
+    pipe.__dict__[_RECORD] = record
+    return pipe
+
+
+def disable(pipe):
+    """Undo ``enable``: the transformer runs uncompiled again (the object ``pipe.transformer`` was
+    before ``enable``), the scheduler and ``cache_context`` are the originals. Idempotent; the
+    caching stats stay readable with ``duca_compile.stats(pipe.transformer)``."""
+    record = pipe.__dict__.pop(_RECORD, None)
+    if record is not None:
+        _undo(pipe, record)
+    return pipe
+
+
+def _undo(pipe, record: _Enabled) -> None:
+    record.backend.connect(False)
+    for obj, name, had, previous in reversed(record.patches):
+        if had:
+            obj.__dict__[name] = previous
+        else:
+            obj.__dict__.pop(name, None)
+    record.patches.clear()
+    record.transformer.__dict__["_compiled_call_impl"] = record.previous_compiled_call
+    if record.swapped_out is not None:
+        pipe.transformer = record.swapped_out
+
+
+def _install(record: _Enabled, scheduler, transformer) -> None:
+    backend = record.backend
+    driver = backend.driver
+
+    def steps_left() -> int | None:
+        timesteps = getattr(scheduler, "timesteps", None)
+        if timesteps is None:
+            return None
+        begin = getattr(scheduler, "begin_index", None) or 0   # img2img starts part-way (strength)
+        return max(len(timesteps) - int(begin), 1)
+
+    def patch(obj, name, make):
+        original = getattr(obj, name)
+        wrapper = make(original)
+        setattr(wrapper, _MARK, backend)
+        record.patches.append((obj, name, name in obj.__dict__, obj.__dict__.get(name)))
+        obj.__dict__[name] = wrapper          # instance attribute: the class and other instances are untouched
+
+    # functools.wraps keeps inspect.signature() of the original (bound) method: diffusers'
+    # retrieve_timesteps and prepare_extra_step_kwargs inspect set_timesteps / step for their arguments.
+    def wrap_set_timesteps(original):
+        @functools.wraps(original)
+        def set_timesteps(*args, **kwargs):
+            out = original(*args, **kwargs)
+            driver.begin(steps_left())
+            return out
+        return set_timesteps
+
+    def wrap_set_begin_index(original):
+        @functools.wraps(original)
+        def set_begin_index(*args, **kwargs):
+            out = original(*args, **kwargs)
+            if driver.active and driver.pending:      # after set_timesteps, before the first call
+                driver.num_steps = steps_left()
+            return out
+        return set_begin_index
+
+    def wrap_step(original):
+        @functools.wraps(original)
+        def step(*args, **kwargs):
+            out = original(*args, **kwargs)
+            driver.step_done()
+            if driver.num_steps is not None and driver.step >= driver.num_steps:
+                driver.active = False     # request over: a later direct transformer call is not step N+1
+            return out
+        return step
+
+    def wrap_cache_context(original):
+        @functools.wraps(original)
+        @contextlib.contextmanager
+        def cache_context(name, *args, **kwargs):
+            with original(name, *args, **kwargs):
+                previous, driver.context = driver.context, name
+                try:
+                    yield
+                finally:
+                    driver.context = previous
+        return cache_context
+
+    patch(scheduler, "set_timesteps", wrap_set_timesteps)
+    patch(scheduler, "step", wrap_step)
+    if callable(getattr(scheduler, "set_begin_index", None)):
+        patch(scheduler, "set_begin_index", wrap_set_begin_index)
+    if callable(getattr(transformer, "cache_context", None)):
+        patch(transformer, "cache_context", wrap_cache_context)
+
+
+def _resolve_config(config, transformer) -> CacheConfig:
+    if config is None:
+        return DuCaConfig()
+    if isinstance(config, CacheConfig):
+        return config
+    if isinstance(config, str):
+        model, sep, method = config.partition(":")
+        if not sep:
+            model, method = _MODEL_NAMES.get(type(transformer).__name__), config
+            if model is None:
+                raise ValueError(f"duca_compile.enable: cannot tell the preset's model from "
+                                 f"{type(transformer).__name__}; pass 'model:method', e.g. 'flux:fora'")
+    elif isinstance(config, tuple) and len(config) == 2 and all(isinstance(x, str) for x in config):
+        model, method = config
+    else:
+        raise ValueError(f"duca_compile.enable: config must be a CacheConfig such as FORAConfig(interval=3) or "
+                         f"DuCaConfig(), or a preset name 'model:method'; got {type(config).__name__}")
+    lookup = _preset_lookup()
+    if lookup is None:
+        raise ValueError(f"duca_compile.enable: presets are not available in this version of duca_compile, so "
+                         f"{config!r} cannot be resolved; pass a config such as FORAConfig(interval=3)")
+    try:
+        resolved = lookup(model, method)
+    except (KeyError, LookupError, ValueError) as e:
+        raise ValueError(f"duca_compile.enable: no preset for model {model!r}, method {method!r}: {e}") from e
+    if not isinstance(resolved, CacheConfig):
+        raise ValueError(f"duca_compile.enable: preset {model!r}:{method!r} gave {type(resolved).__name__}, "
+                         "not a CacheConfig")
+    return resolved
+
+
+def _preset_lookup():
+    """The presets function, whichever form this version has; None when it has none."""
+    try:
+        from ..policies.presets import preset
+        return preset
+    except ImportError:
+        pass
+    import duca_compile
+
+    presets = getattr(duca_compile, "presets", None)
+    if presets is None:
+        return None
+    if callable(presets):
+        return presets
+    for name in ("preset", "get"):
+        fn = getattr(presets, name, None)
+        if callable(fn):
+            return fn
+    return None

@@ -1,0 +1,98 @@
+"""Paper presets: the official defaults of each method per model, selectable by name.
+
+    config = duca_compile.presets("dit-xl-2", "duca")
+
+Where the official code scores tokens by attention maps (ToCa/DuCa on DiT and PixArt), which fused
+attention never forms, the presets use the FlashAttention-compatible scores the same code ships
+(random for v2, kv-norm for v1) with the official staleness and spatial terms. Sources: the
+official repositories Shenyi-Z/DuCa, Shenyi-Z/ToCa, Shenyi-Z/TaylorSeer and
+Shenyi-Z/Cache4Diffusion (ClusCa), read as summarised in the project's notes.
+"""
+from __future__ import annotations
+
+from .clusca import ClusCaConfig
+from .duca import DuCaConfig
+from .fora import FORAConfig
+from .schedules import RatioSchedule
+from .taylorseer import TaylorSeerConfig
+from .toca import ToCaConfig
+
+__all__ = ["presets", "PRESETS", "MODELS"]
+
+# model -> sampler and steps the presets were tuned for
+MODELS = {
+    "dit-xl-2": "DiT-XL/2 256², DDIM 50 steps, cfg 1.5",
+    "pixart-alpha": "PixArt-α, DPM-Solver 20 steps, cfg 4.5",
+    "flux-dev": "FLUX.1-dev 1024², 50 steps",
+    "opensora": "OpenSora v1.2 480p, rectified flow 30 steps, cfg 7.0",
+}
+
+# DiT's DDIM loop counts steps down; its interval follows N / (1.4 − 0.8·x/T), forced to 2 for x in [10, 20).
+_DIT_STEPS = dict(count_down=True, interval_weight=0.4, forced_interval=((10, 20, 2),))
+_DIT_RATIO = RatioSchedule(step_weight=2.0, layer_weight=-0.2, module_weight=2.5, module_tau=0.6, count_down=True)
+_PIXART_RATIO = RatioSchedule(step_weight=0.9, layer_weight=0.6, module_weight=1.0, module_tau=0.6)
+_OPENSORA_CYCLES = (("self_attn", "FCA"), ("ff", "FCA"), ("cross_attn", "FCACCA"))
+
+
+def _dit_duca(selection):
+    return DuCaConfig(interval=3, ratio=0.05, selection=selection, soft_fresh_weight=0.25, spatial_grid=2,
+                      spatial_bonus=0.8, ratio_schedule=_DIT_RATIO, **_DIT_STEPS)
+
+
+def _pixart_duca(selection):
+    return DuCaConfig(interval=3, ratio=0.75, selection=selection, soft_fresh_weight=0.25, spatial_grid=4,
+                      spatial_bonus=0.4, ratio_schedule=_PIXART_RATIO)
+
+
+def _opensora_duca(selection):
+    return DuCaConfig(ratio=0.1, selection=selection, soft_fresh_weight=0.25, cycles=_OPENSORA_CYCLES, warmup=3,
+                      ratio_schedule=RatioSchedule(module_weight=1.5, module_tau=0.33))
+
+
+# (model, method) -> (config factory, source)
+PRESETS = {
+    ("dit-xl-2", "fora"): (lambda: FORAConfig(interval=3), "FORA N=3, as compared in TaylorSeer's DiT table"),
+    ("dit-xl-2", "toca"): (lambda: ToCaConfig(interval=3, ratio=0.07, soft_fresh_weight=0.25, spatial_grid=2,
+                                              spatial_bonus=0.6, ratio_schedule=_DIT_RATIO, **_DIT_STEPS),
+                           "ToCa README, DDIM-50: N=3, R=0.07, ToCa-ddim50 ratio schedule"),
+    ("dit-xl-2", "duca"): (lambda: _dit_duca("random"), "DuCa README (N=3, R=0.05, λ3=0.25), v2 random selection"),
+    ("dit-xl-2", "duca-v1"): (lambda: _dit_duca("kv-norm"), "as 'duca' with v1's V-caching (kv-norm) scores"),
+    ("dit-xl-2", "taylorseer"): (lambda: TaylorSeerConfig(interval=4, max_order=4, first_enhance=2),
+                                 "TaylorSeer-DiT defaults: interval 4, max order 4"),
+    ("dit-xl-2", "clusca"): (lambda: ClusCaConfig(interval=5, clusters=16, propagation=0.005, max_order=1,
+                                                  first_enhance=2),
+                             "ClusCa DiT sample_ddp.py: N=5, K=16, γ=0.005"),
+    ("pixart-alpha", "fora"): (lambda: FORAConfig(interval=3), "FORA N=3"),
+    ("pixart-alpha", "toca"): (lambda: ToCaConfig(interval=3, ratio=0.30, soft_fresh_weight=0.25, spatial_grid=4,
+                                                  spatial_bonus=0.4, ratio_schedule=_PIXART_RATIO,
+                                                  interval_weight=-0.2),
+                               "ToCa PixArt: N=3 (≈4 → 2 over the run), R=0.30"),
+    ("pixart-alpha", "duca"): (lambda: _pixart_duca("random"), "DuCa README PixArt: N=3, R=0.75, λ3=0.25; v2 random"),
+    ("pixart-alpha", "duca-v1"): (lambda: _pixart_duca("kv-norm"), "as 'duca' with kv-norm scores"),
+    ("flux-dev", "fora"): (lambda: FORAConfig(interval=3), "FORA N=3, as compared in TaylorSeer's FLUX table"),
+    ("flux-dev", "toca"): (lambda: ToCaConfig(interval=4, ratio=0.1, soft_fresh_weight=0.25, warmup=3,
+                                              ratio_schedule=RatioSchedule(layer_weight=0.5)),
+                           "ToCa-FLUX cache_init: N=4, R=0.1, λ3=0.25, first 3 steps full"),
+    ("flux-dev", "taylorseer"): (lambda: TaylorSeerConfig(interval=6, max_order=1, first_enhance=3),
+                                 "TaylorSeer-FLUX code: N=6, O=1"),
+    ("flux-dev", "clusca"): (lambda: ClusCaConfig(interval=5, clusters=16, propagation=0.005, max_order=1,
+                                                  first_enhance=3),
+                             "ClusCa FLUX: N=5, K=16, γ=0.005, O=1, first_enhance=3"),
+    ("opensora", "duca"): (lambda: _opensora_duca("random"), "DuCa OpenSora cycles, R=0.1; v2 random"),
+    ("opensora", "duca-v1"): (lambda: _opensora_duca("kv-norm"), "DuCa OpenSora script: kv-norm, R=0.1"),
+}
+
+
+def presets(model: str | None = None, method: str | None = None):
+    """The config of ``method`` tuned for ``model``; with no arguments, ``{model: [methods]}``."""
+    if model is None and method is None:
+        out: dict[str, list[str]] = {}
+        for m, meth in PRESETS:
+            out.setdefault(m, []).append(meth)
+        return out
+    if model not in MODELS:
+        raise ValueError(f"unknown preset model {model!r}; valid models: {', '.join(MODELS)}")
+    methods = [meth for m, meth in PRESETS if m == model]
+    if (model, method) not in PRESETS:
+        raise ValueError(f"no preset {method!r} for {model!r}; valid methods for it: {', '.join(methods)}")
+    return PRESETS[(model, method)][0]()

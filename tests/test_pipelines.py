@@ -1,0 +1,228 @@
+"""duca_compile.enable / disable on real diffusers pipelines (tiny random DiT, PixArt-α, Flux, SD3).
+
+Every pipeline runs end to end (eager inner compiler); the step comes from the scheduler, never
+from the timestep, and Flux's separate cond / uncond calls get their cache slot from cache_context.
+"""
+import contextlib
+
+import pytest
+import torch
+
+import duca_compile
+from duca_compile import DuCaConfig, FORAConfig, duca_backend
+from duca_compile.integrations.diffusers import disable, enable
+from duca_compile.runtime import state_of
+from duca_compile.tiny_pipelines import PIPELINE_FAMILIES, make_pipeline, needs_transformers, pipeline_call_kwargs
+
+STEPS = 4
+
+
+def _pipe(family, seed=0):
+    if needs_transformers(family):
+        pytest.importorskip("transformers", reason="diffusers' PixArt / Flux / SD3 pipelines need transformers")
+    pipe = make_pipeline(family, seed=seed)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _run(family, pipe, steps=STEPS, **kw):
+    return pipe(**pipeline_call_kwargs(family, pipe, steps, **kw)).images
+
+
+@contextlib.contextmanager
+def _recorded_calls(pipe):
+    """(new request?, step, slot, num_steps, cache_context name) of every transformer call."""
+    driver = state_of(pipe.transformer).driver
+    original, calls = driver.next_call, []
+
+    def next_call():
+        call = original()
+        calls.append((*call, driver.context))
+        return call
+
+    driver.next_call = next_call
+    try:
+        yield calls
+    finally:
+        del driver.next_call
+
+
+def _unique_graphs():
+    return torch._dynamo.utils.counters["stats"]["unique_graphs"]
+
+
+@pytest.mark.parametrize("family", PIPELINE_FAMILIES)
+def test_enabled_pipeline_caches_and_is_deterministic(family):
+    pipe = _pipe(family)
+    transformer = pipe.transformer
+    assert enable(pipe, FORAConfig(interval=2), inner="eager") is pipe
+    assert pipe.transformer is transformer                      # compiled in place
+    first = _run(family, pipe)
+    s = duca_compile.stats(pipe.transformer)
+    assert s["requests"] == 1 and s["calls"] == STEPS and s["fallback_calls"] == 0
+    assert s["steps"]["full"] == 2 and s["steps"]["reuse"] == 2 and s["cache_hits"] > 0   # F R F R
+    assert state_of(pipe.transformer).num_steps == STEPS == len(pipe.scheduler.timesteps)
+
+    with torch.compiler.set_stance("fail_on_recompile"), _recorded_calls(pipe) as calls:
+        second = _run(family, pipe)
+    assert torch.equal(first, second)
+    # One request, steps 0..3 counted by scheduler.step, one pass (slot 0) per step; Flux always
+    # wraps its call in cache_context("cond"), the others use none.
+    context = "cond" if family == "flux" else None
+    assert calls == [(i == 0, i, 0, STEPS, context) for i in range(STEPS)]
+    assert duca_compile.stats(pipe.transformer)["requests"] == 2
+    assert not state_of(pipe.transformer).driver.active         # the request ended with the last step
+
+
+@pytest.mark.parametrize("family", PIPELINE_FAMILIES)
+def test_full_every_step_equals_plain_and_disable_restores(family):
+    pipe = _pipe(family)
+    transformer, scheduler = pipe.transformer, pipe.scheduler
+    gs = 2.0 if family == "flux" else None                      # Flux: two passes per step
+    plain = _run(family, pipe, guidance_scale=gs)
+    enable(pipe, FORAConfig(interval=1), inner="eager")
+    cached = _run(family, pipe, guidance_scale=gs)
+    torch.testing.assert_close(cached, plain, atol=1e-5, rtol=1e-5)
+    passes = 2 if family == "flux" else 1
+    assert duca_compile.stats(pipe.transformer)["steps"]["full"] == STEPS * passes
+
+    assert disable(pipe) is pipe and disable(pipe) is pipe      # idempotent
+    assert pipe.transformer is transformer and pipe.scheduler is scheduler
+    assert transformer._compiled_call_impl is None
+    assert not {"set_timesteps", "step", "set_begin_index"} & set(vars(scheduler))
+    assert "cache_context" not in vars(transformer)
+    assert state_of(transformer).driver is None
+    calls = duca_compile.stats(transformer)["calls"]
+    assert torch.equal(_run(family, pipe, guidance_scale=gs), plain)
+    assert duca_compile.stats(transformer)["calls"] == calls    # the compiled graph is no longer called
+
+
+def test_flux_true_cfg_passes_get_their_cache_context_slot(monkeypatch):
+    pipe = _pipe("flux")
+    import diffusers.hooks.hooks as hooks
+
+    names = []
+    original = hooks._set_cache_context
+    monkeypatch.setattr(hooks, "_set_cache_context",
+                        lambda module, ctx: (names.append(ctx and ctx.name), original(module, ctx))[1])
+    enable(pipe, FORAConfig(interval=2), inner="eager")
+    first = _run("flux", pipe, guidance_scale=3.0)
+    s = duca_compile.stats(pipe.transformer)
+    assert s["requests"] == 1 and s["calls"] == 2 * STEPS
+    assert s["steps"]["full"] == 4 and s["steps"]["reuse"] == 4
+    assert names[:4] == ["cond", None, "uncond", None]           # diffusers' own cache_context still runs
+
+    with _recorded_calls(pipe) as calls:
+        assert torch.equal(_run("flux", pipe, guidance_scale=3.0), first)
+    expected = [(i == 0 and name == "cond", i, slot, STEPS, name)
+                for i in range(STEPS) for slot, name in enumerate(("cond", "uncond"))]
+    assert calls == expected
+
+    # The driver gives the same (step, slot) as timestep tracking does for this scheduler, so a
+    # plain torch.compile with the duca backend (no enable) computes the very same latents.
+    disable(pipe)
+    reference = _pipe("flux")
+    reference.transformer = torch.compile(reference.transformer, dynamic=False,
+                                          backend=duca_backend(FORAConfig(interval=2), inner="eager"))
+    assert torch.equal(_run("flux", reference, guidance_scale=3.0), first)
+    assert duca_compile.stats(reference.transformer)["steps"] == s["steps"]
+
+
+def test_steps_come_from_the_scheduler_not_the_timesteps():
+    # Heun repeats every inner timestep; timestep tracking would take each repeat for a second
+    # pass of the same step. The driver counts scheduler.step calls: one step, slot 0, per call.
+    pipe = _pipe("sd3")
+    from diffusers import FlowMatchHeunDiscreteScheduler
+
+    pipe.scheduler = FlowMatchHeunDiscreteScheduler(shift=3.0)
+    enable(pipe, FORAConfig(interval=2), inner="eager")
+    _run("sd3", pipe, steps=3)
+    n = len(pipe.scheduler.timesteps)
+    assert n == 5 and len(set(pipe.scheduler.timesteps.tolist())) == 3
+    with _recorded_calls(pipe) as calls:
+        _run("sd3", pipe, steps=3)
+    assert calls == [(i == 0, i, 0, n, None) for i in range(n)]
+    s = duca_compile.stats(pipe.transformer)
+    assert s["requests"] == 2 and s["calls"] == 2 * n and s["steps"]["reuse"] == 4
+
+
+@pytest.mark.parametrize("family", ["pixart", "flux"])
+def test_new_steps_batch_and_resolution_give_fresh_results(family):
+    config = DuCaConfig(interval=2, ratio=0.5)
+    settings = [dict(), dict(steps=3), dict(batch_size=2), dict(height=16, width=24), dict()]
+    pipe = enable(_pipe(family), config, inner="eager")
+    before = _unique_graphs()
+    outs = []
+    for kw in settings:
+        shape_seen = kw.get("batch_size", 1) != 1 or "height" in kw
+        stance = contextlib.nullcontext() if shape_seen or not outs else torch.compiler.set_stance("fail_on_recompile")
+        with stance:
+            outs.append(_run(family, pipe, **kw))
+    graphs = _unique_graphs() - before
+    assert graphs == 3, f"{graphs} graphs for 3 shapes"                       # one per shape, none per step count
+    s = duca_compile.stats(pipe.transformer)
+    assert s["requests"] == len(settings) and s["steps"]["subset"] > 0 and s["shape_resets"] >= 3
+    assert torch.equal(outs[-1], outs[0])                                    # back to the first shape: no stale cache
+    for kw, out in zip(settings[1:4], outs[1:4]):                            # each equals a fresh pipeline's run
+        fresh = enable(_pipe(family), config, inner="eager")
+        torch.testing.assert_close(out, _run(family, fresh, **kw), atol=1e-6, rtol=1e-6,
+                                   msg=lambda m, kw=kw: f"{kw}: {m}")
+
+
+def test_enable_twice_does_not_double_wrap_and_reenable_switches_config():
+    pipe = _pipe("pixart")
+    enable(pipe, FORAConfig(interval=2), inner="eager")
+    step = pipe.scheduler.step
+    enable(pipe, FORAConfig(interval=2), inner="eager")                       # same arguments: a no-op
+    assert pipe.scheduler.step is step
+    assert not hasattr(step.__wrapped__, "_duca_compile_patch")               # wraps the original, once
+    first = _run("pixart", pipe)
+    s = duca_compile.stats(pipe.transformer)
+    assert (s["requests"], s["calls"], s["steps"]["reuse"]) == (1, STEPS, 2)
+
+    enable(pipe, FORAConfig(interval=4), inner="eager")                       # other config: re-enabled
+    _run("pixart", pipe)
+    s = duca_compile.stats(pipe.transformer)
+    assert s["config"] == FORAConfig(interval=4) and s["steps"]["reuse"] == 3 and s["calls"] == STEPS
+
+    disable(pipe)
+    enable(pipe, FORAConfig(interval=4), inner="eager")                       # same again: Dynamo's graph reused
+    with torch.compiler.set_stance("fail_on_recompile"):
+        _run("pixart", pipe)
+    enable(pipe, FORAConfig(interval=2), inner="eager")
+    assert torch.equal(_run("pixart", pipe), first)
+    disable(pipe)
+
+
+def test_signatures_and_begin_index_follow_the_scheduler():
+    import inspect
+
+    pipe = _pipe("flux")
+    params = {name: set(inspect.signature(getattr(pipe.scheduler, name)).parameters)
+              for name in ("set_timesteps", "step")}
+    enable(pipe, FORAConfig(interval=2), inner="eager")
+    for name, before in params.items():                       # retrieve_timesteps inspects these
+        assert set(inspect.signature(getattr(pipe.scheduler, name)).parameters) == before
+    _run("flux", pipe, steps=2)                               # creates the caching state
+    driver = state_of(pipe.transformer).driver
+    pipe.scheduler.set_timesteps(10, mu=1.0)
+    assert driver.active and driver.num_steps == 10
+    pipe.scheduler.set_begin_index(4)                         # img2img with strength 0.6
+    assert driver.num_steps == 6
+
+
+def test_bad_input_raises_value_error_and_leaves_pipe_alone():
+    with pytest.raises(ValueError, match="transformer"):
+        enable(object(), FORAConfig())
+    pipe = _pipe("dit")
+    with pytest.raises(ValueError, match="CacheConfig"):
+        enable(pipe, FORAConfig)
+    with pytest.raises(ValueError, match="CacheConfig"):
+        enable(pipe, 3)
+    with pytest.raises(ValueError, match="inner"):
+        enable(pipe, FORAConfig(), inner="tensorrt")
+    with pytest.raises(ValueError, match="preset"):
+        enable(pipe, "dit:no-such-method")
+    assert not {"set_timesteps", "step"} & set(vars(pipe.scheduler))
+    assert pipe.transformer._compiled_call_impl is None
+    assert disable(pipe) is pipe
