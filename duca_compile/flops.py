@@ -30,7 +30,8 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 from .policies import CacheConfig, ClusCaConfig, DuCaConfig, FORAConfig, Mode, TaylorSeerConfig, ToCaConfig
 
 __all__ = ["flop_counter", "count_flops", "variant_flops", "full_key", "runner_flops", "model_flops",
-           "clustering_flops", "flops_report", "flops_table", "MODELS", "default_configs"]
+           "clustering_flops", "flops_report", "flops_table", "meta_model", "model_inputs", "MODELS", "STEPS",
+           "default_configs", "preset_configs"]
 
 aten = torch.ops.aten
 
@@ -307,18 +308,19 @@ def _runner(trace: _Trace, config: CacheConfig):
     from .backend import DuCaBackend
     from .runtime import _STATES
 
+    # A fresh state for the report's runner: the model's own (if it is compiled with duca too)
+    # must neither see this runner nor count its variants.
     params = [x for x in trace.example_inputs if isinstance(x, torch.nn.Parameter)]
-    before = _STATES.get(id(params[0])) if params else None
+    saved = _STATES.pop(id(params[0]), None) if params else None
     ctx = torch._guards.TracingContext(trace.fake_mode) if trace.fake_mode is not None else None
     try:
         with torch.no_grad(), (torch._guards.tracing(ctx) if ctx is not None else contextlib.nullcontext()):
             runner = DuCaBackend(config, inner="eager")(trace.gm, trace.example_inputs)
-    finally:   # leave the model's own duca state (if any) as it was
+    finally:
         if params:
-            if before is None:
-                _STATES.pop(id(params[0]), None)
-            else:
-                _STATES[id(params[0])] = before
+            _STATES.pop(id(params[0]), None)
+            if saved is not None:
+                _STATES[id(params[0])] = saved
     if not hasattr(runner, "plan_step"):
         raise RuntimeError("duca flops: the duca backend found no cache sites in this model")
     return runner
@@ -364,6 +366,7 @@ def flops_report(model, config: CacheConfig, num_steps: int = 50, batch: int = 2
     elif isinstance(model, torch.nn.Module):
         if model_overrides:
             raise ValueError(f"model config overrides {sorted(model_overrides)} need a model name")
+        model = getattr(model, "_orig_mod", model)          # a torch.compile'd module: trace the original
         name = type(model).__name__
         trace = _trace(model, inputs or model_inputs(model, batch))
     else:
@@ -371,6 +374,7 @@ def flops_report(model, config: CacheConfig, num_steps: int = 50, batch: int = 2
 
     start = time.perf_counter()
     runner = _runner(trace, config)
+    runner.state.warned.add("variants")      # counting many variants is fine: they are only counted
     calls: Counter = Counter()
     modes: Counter = Counter()
     per_mode: dict = {}
@@ -401,58 +405,57 @@ def flops_report(model, config: CacheConfig, num_steps: int = 50, batch: int = 2
 
 # -- tables -------------------------------------------------------------------------------------
 
-METHODS = ("fora", "toca", "duca", "taylorseer", "clusca")
+# Steps each model's presets were tuned for (duca_compile.policies.presets.MODELS).
+STEPS = {"dit-xl-2": 50, "pixart-alpha": 20, "flux-dev": 50}
 
 
 def default_configs() -> dict[str, CacheConfig]:
-    """One config per method, used when ``duca_compile.presets`` does not exist."""
+    """One config per method, used where ``duca_compile.presets`` has none for a model."""
     return {"fora": FORAConfig(interval=3), "toca": ToCaConfig(interval=3, ratio=0.07),
             "duca": DuCaConfig(interval=3, ratio=0.05), "taylorseer": TaylorSeerConfig(interval=4, max_order=4),
             "clusca": ClusCaConfig(interval=5, clusters=16)}
 
 
-def _preset_configs(model: str) -> dict[str, CacheConfig]:
-    """``duca_compile.presets(model, method)`` per method where it exists, else ``default_configs()``."""
-    import duca_compile
-
-    presets = getattr(duca_compile, "presets", None)
-    if not callable(presets):
-        try:
-            from .policies import presets as module
-            presets = getattr(module, "presets", None)
-        except ImportError:
-            presets = None
-    defaults = default_configs()
-    if not callable(presets):
-        return defaults
-    out = {}
-    for method in METHODS:
-        try:
-            out[method] = presets(model, method)
-        except (KeyError, ValueError, TypeError):
-            out[method] = defaults[method]
-    return out
+def preset_configs(model: str) -> dict[str, CacheConfig]:
+    """Method -> config: every ``duca_compile.presets(model, method)`` for ``model`` where the
+    presets exist and know it, else ``default_configs()``."""
+    try:
+        from .policies.presets import presets
+        methods = presets().get(model)
+    except ImportError:
+        methods = None
+    if not methods:
+        return default_configs()
+    return {m: presets(model, m) for m in methods}
 
 
-def flops_table(models=tuple(MODELS), configs: dict | None = None, num_steps: int = 50, batch: int = 2,
+def flops_table(models=tuple(MODELS), configs: dict | None = None, num_steps: int | None = None, batch: int = 2,
                 reports: list | None = None) -> str:
-    """A markdown table, one row per model: one FULL step's TFLOPs, then per method the FLOP
-    speed-up over the uncached model and the FLOP ratio. ``configs``: method name -> config
-    (default: the presets per model). ``reports``, if a list, receives every report."""
-    rows, methods = [], None
-    for name in models:
-        cfgs = configs if configs is not None else _preset_configs(name)
-        methods = methods or list(cfgs)
+    """A markdown table, one row per model: steps, one FULL step's TFLOPs, then per method the FLOP
+    speed-up over the uncached model with the FLOP ratio ("-": no config for that pair).
+
+    configs: method -> config for every model (default: ``preset_configs(model)``). num_steps:
+    steps per request (default: ``STEPS[model]``, what the presets were tuned for). ``reports``,
+    if a list, receives every ``flops_report`` (with a "method" key)."""
+    per_model = {name: configs if configs is not None else preset_configs(name) for name in models}
+    methods = list(dict.fromkeys(m for cfgs in per_model.values() for m in cfgs))
+    rows = []
+    for name, cfgs in per_model.items():
+        steps = num_steps or STEPS.get(name, 50)
         cells, full = [], None
         for method in methods:
-            r = flops_report(name, cfgs[method], num_steps=num_steps, batch=batch)
+            if method not in cfgs:
+                cells.append("-")
+                continue
+            r = flops_report(name, cfgs[method], num_steps=steps, batch=batch)
             full = r["flops_full_step"]
             cells.append(f"{r['speedup_flops']:.2f}x ({r['flop_ratio']:.1%})")
             if reports is not None:
                 reports.append({**r, "method": method})
-        rows.append(f"| {name} | {full / 1e12:.3f} | " + " | ".join(cells) + " |")
-    head = f"| model | FULL step TFLOPs (batch {batch}) | " + " | ".join(methods) + " |"
-    sep = "|" + "---|" * (2 + len(methods))
+        full_cell = f"{full / 1e12:.3f}" if full is not None else "-"
+        rows.append(f"| {name} | {steps} | {full_cell} | " + " | ".join(cells) + " |")
+    head = f"| model | steps | FULL step TFLOPs (batch {batch}) | " + " | ".join(methods) + " |"
+    sep = "|" + "---|" * (3 + len(methods))
     return "\n".join([head, sep, *rows])
 
 
@@ -460,12 +463,12 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="python -m duca_compile.flops",
                                 description="FLOPs per method on full-size models (meta device, no weights)")
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
-    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--steps", type=int, default=None, help="steps per request (default: per model, %s)" % STEPS)
     p.add_argument("--batch", type=int, default=2)
     args = p.parse_args(argv)
     reports: list = []
     table = flops_table(args.models, num_steps=args.steps, batch=args.batch, reports=reports)
-    print(f"FLOP speed-up (FLOP ratio) over {args.steps} steps; one FULL step's TFLOPs at batch {args.batch}.\n")
+    print(f"FLOP speed-up over the uncached model (FLOP ratio), one request; batch {args.batch}.\n")
     print(table)
     print()
     for r in reports:

@@ -36,3 +36,15 @@ def test_mode_and_options_reach_inductor(monkeypatch):
     monkeypatch.setattr(cfx, "compile_fx", lambda gm, ex, config_patches=None: seen.update(config_patches))
     _inner_compiler("inductor", "max-autotune", {"freezing": True})(None, [])
     assert seen["max_autotune"] is True and seen["freezing"] is True
+
+
+@pytest.mark.parametrize("family, config", [
+    ("dit", duca_compile.ClusCaConfig(interval=3, clusters=4, propagation=0.2, max_order=2, first_enhance=2)),
+    ("pixart", duca_compile.DuCaConfig(interval=3, ratio=0.5, selection="kv-norm", soft_fresh_weight=0.25,
+                                       compute_first=1)),
+])
+def test_inductor_method_variants_equal_oracle(family, config):
+    """Taylor forecasts, cluster propagation, value-norm caches and per-site plans through Inductor."""
+    model, fast = compile_tiny(family, config, inner="inductor")
+    modes = run_against_oracle(family, model, fast, timesteps(7), atol=1e-4)
+    assert len(set(modes)) >= 2 and duca_compile.stats(fast)["cache_hits"] > 0

@@ -1,5 +1,6 @@
 """Graph-level checks: what each variant must and must not contain."""
 import pytest
+import torch
 
 from duca_compile import ScriptedConfig
 from duca_compile.passes.find_sites import module_path
@@ -61,3 +62,45 @@ def test_variant_contents(family):
                           if n.op == "placeholder" and n.name.startswith("duca_index"))
     assert index_shapes == sorted((runner.layout.batch, int(RATIO * s.tokens[0])) for s in subsettable)
     assert not _inside(v["SUBSET"], [s.name for s in sites if not s.subsettable])
+
+
+def _graphs(family, config, n=6):
+    model, fast = compile_tiny(family, config)
+    for i, t in enumerate(timesteps(n)):
+        fast(**make_inputs(family, model, timestep=t, seed=i))
+    runner = state_of(fast).runners[0]()
+    from duca_compile.report import _variant_name
+    return runner, {_variant_name(k).split("(")[0]: g for k, g in runner.variant_graphs.items()}
+
+
+def _targets(gm):
+    return [getattr(n.target, "__name__", str(n.target)) for n in gm.graph.nodes if n.op == "call_function"]
+
+
+def test_taylor_variants_forecast_without_the_branches():
+    from duca_compile import TaylorSeerConfig
+    runner, v = _graphs("pixart", TaylorSeerConfig(interval=3, max_order=2, first_enhance=1))
+    sites = runner.sitemap.sites
+    reuse = v["REUSE"]
+    assert count_ops(reuse)["sdpa"] == 0 and not _inside(reuse, [s.name for s in sites])
+    coef = next(n for n in reuse.graph.nodes if n.op == "placeholder" and n.name.startswith("duca_taylor_coef"))
+    assert len(coef.users) == 2 * len(sites)                 # a coefficient per site and order...
+    assert _targets(reuse).count("mul.Tensor") >= 2 * len(sites)    # ...times orders 1 and 2
+    # FULL writes the three Taylor terms of every site output and the stack output
+    n_outputs = sum(len(s.outputs) for s in sites)
+    assert count_ops(v["FULL"])["cache_write"] == 3 * n_outputs + len(runner.sitemap.stack_outputs)
+
+
+def test_clusca_subset_propagates_and_kv_norm_full_records_value_norms():
+    from duca_compile import ClusCaConfig, DuCaConfig
+    runner, v = _graphs("dit", ClusCaConfig(interval=3, clusters=4, propagation=0.1, first_enhance=1))
+    subset = v["SUBSET"]
+    assigns = [n for n in subset.graph.nodes if n.op == "placeholder" and n.name.startswith("duca_assign")]
+    assert len(assigns) == len(runner.sitemap.blocks) and all(n.users for n in assigns)
+    assert _targets(subset).count("scatter.src") == len(runner.sitemap.blocks)
+    assert count_ops(subset)["sdpa"] == 0                     # attention is forecast
+
+    torch._dynamo.reset()
+    runner, v = _graphs("dit", DuCaConfig(interval=3, ratio=0.25, selection="kv-norm"), n=3)
+    assert _targets(v["FULL"]).count("linalg_vector_norm.default") == len(runner.sitemap.blocks)
+    assert "linalg_vector_norm.default" not in _targets(v["SUBSET"])   # self-attention is not run there
