@@ -102,7 +102,8 @@ class ReferenceCache:
         cache = self.caches.setdefault(self._call["slot"], {})
         if self._call["skip"]:
             return cache["stack"]
-        cache["stack"] = tuple(o.clone() for o in out) if isinstance(out, tuple) else out.clone()
+        # a last joint block may return (None, hidden): Stable Diffusion 3's context_pre_only block
+        cache["stack"] = tuple(None if o is None else o.clone() for o in out) if isinstance(out, tuple) else out.clone()
         return out
 
     @torch.no_grad()

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import torch
 
+from .policies import Mode
+from .policies.base import effective_mode
 from .runtime import state_of
 
 __all__ = ["stats", "explain"]
@@ -12,7 +14,7 @@ _HEAVY = {"linear": (torch._C._nn.linear, torch.ops.aten.linear.default, torch.o
           "sdpa": (torch.nn.functional.scaled_dot_product_attention,
                    torch.ops.aten.scaled_dot_product_attention.default),
           "gather": (torch.ops.aten.gather.default,),
-          "scatter": (torch.ops.aten.scatter_.src,),
+          "scatter": (torch.ops.aten.scatter_.src, torch.ops.aten.scatter.src),
           "cache_write": (torch.ops.aten.copy_.default,)}
 
 
@@ -52,9 +54,28 @@ def count_ops(gm) -> dict:
     return counts
 
 
-def explain(model, as_text: bool = True):
-    """Blocks and branch sites found in each graph, and the ops of each variant built so far."""
+_LETTERS = {"full": "F", "subset": "C", "skip": "A", "reuse": "R", "partial": "P"}
+
+
+def _plan(runner, num_steps: int | None) -> list[dict]:
+    """The policy's plan for every step: mode and the per-site actions that are not "reuse"."""
+    if num_steps is None:
+        return []
+    steps = []
+    for step in range(num_steps):
+        plan, actions, skip = runner.plan_step(step, num_steps)
+        mode = "full" if step == 0 else plan.mode.value          # a request's first step is always FULL
+        steps.append({"step": step, "mode": mode,
+                      "computed": {} if skip or mode == "full" else
+                      {k: a for k, a in actions.items() if a != "reuse"}})
+    return steps
+
+
+def explain(model, as_text: bool = True, num_steps: int | None = None):
+    """Blocks and branch sites found in each graph, the ops of each variant built so far and, given
+    ``num_steps`` (or after a request whose length is known), the plan of every step."""
     st = _require(model)
+    num_steps = num_steps or st.num_steps
     graphs = []
     for ref in st.runners:
         runner = ref()
@@ -66,6 +87,7 @@ def explain(model, as_text: bool = True):
                        "subset": s.subsettable or s.subset_reason} for s in runner.sitemap.sites],
             "stack_outputs": list(runner.sitemap.stack_outputs),
             "variants": {_variant_name(k): count_ops(g) for k, g in runner.variant_graphs.items()},
+            "plan": _plan(runner, num_steps),
         })
     if not as_text:
         return graphs
@@ -78,17 +100,24 @@ def explain(model, as_text: bool = True):
             lines.append(f"  {s['name']:45s} {s['kind']:10s} tokens={s['tokens']} ({sub})")
         for name, ops in g["variants"].items():
             lines.append(f"  variant {name:20s} " + " ".join(f"{k}={v}" for k, v in ops.items()))
+        if g["plan"]:
+            lines.append("  plan: " + " ".join(_LETTERS[p["mode"]] for p in g["plan"])
+                         + "  (F full, C conservative, A aggressive, R reuse, P partial)")
+            for p in g["plan"]:
+                if p["computed"]:
+                    lines.append(f"    step {p['step']:3d} {p['mode']:8s} " +
+                                 ", ".join(f"{k.rsplit('.', 2)[-2]}.{k.rsplit('.', 1)[-1]}={a}"
+                                           for k, a in p["computed"].items()))
     return "\n".join(lines)
 
 
 def _variant_name(key) -> str:
     skip, actions = key
-    if skip:
-        return "SKIP"
-    kinds = {a if isinstance(a, str) else "subset" for _, a in actions}
-    if kinds == {"compute"}:
-        return "FULL"
-    if kinds == {"reuse"}:
-        return "REUSE"
+    mode = effective_mode(dict(actions), skip)
+    computed = sum(a == "compute" for _, a in actions)
+    if mode is Mode.PARTIAL:
+        return f"PARTIAL({computed} computed)"
+    if mode is not Mode.SUBSET:
+        return mode.name
     ks = sorted({a for _, a in actions if isinstance(a, int)})
-    return f"SUBSET(k={','.join(map(str, ks))})"
+    return f"SUBSET(k={','.join(map(str, ks))}" + (f"; {computed} computed)" if computed else ")")

@@ -150,3 +150,14 @@ def test_too_many_variants_warns():
     with pytest.warns(UserWarning, match="variants compiled for one graph"):
         for t in timesteps(4):
             fast(**make_inputs("dit", model, timestep=t))
+
+
+def test_explain_shows_the_plan_of_every_step_and_per_site_variants():
+    model, fast = compile_tiny("pixart", DuCaConfig(interval=3, ratio=0.5, compute_first=1))
+    for t in timesteps(3):
+        fast(**make_inputs("pixart", model, timestep=t))
+    text = duca_compile.explain(fast, num_steps=6)
+    assert "plan: F C P F C P" in text                     # aggressive steps keep block 0 computed
+    assert "variant SUBSET(k=8; 3 computed)" in text and "variant PARTIAL(3 computed)" in text
+    plan = duca_compile.explain(fast, as_text=False, num_steps=6)[0]["plan"]
+    assert plan[1]["computed"]["transformer_blocks.1.ff"] == 8

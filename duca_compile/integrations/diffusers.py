@@ -23,14 +23,16 @@ import torch
 
 from ..backend import duca_backend
 from ..policies import CacheConfig, DuCaConfig
+from ..policies.presets import presets
 from ..runtime import ModelState, PipelineDriver
 
 __all__ = ["enable", "disable"]
 
 _RECORD = "_duca_compile_enabled"          # pipe.__dict__ key of the _Enabled record
 _MARK = "_duca_compile_patch"              # set on every wrapper function we install
-_MODEL_NAMES = {"DiTTransformer2DModel": "dit", "PixArtTransformer2DModel": "pixart",
-                "FluxTransformer2DModel": "flux", "SD3Transformer2DModel": "sd3"}
+# transformer class -> preset model name, for a preset given by method only ("duca")
+_MODEL_NAMES = {"DiTTransformer2DModel": "dit-xl-2", "PixArtTransformer2DModel": "pixart-alpha",
+                "FluxTransformer2DModel": "flux-dev"}
 # transformer -> the last _PipelineBackend made for it: re-enabling with the same settings reuses it,
 # so Dynamo's cached graphs (guarded on the backend object) are reused instead of recompiled.
 _BACKENDS: "weakref.WeakKeyDictionary[torch.nn.Module, _PipelineBackend]" = weakref.WeakKeyDictionary()
@@ -87,8 +89,9 @@ def enable(pipe, config: CacheConfig | str | tuple | None = None, *, inner: str 
     """Turn on feature caching for a diffusers pipeline with a ``.transformer``; returns ``pipe``.
 
     config: a ``CacheConfig`` (``FORAConfig(interval=3)``, ``DuCaConfig()``, ...); ``None`` means
-        ``DuCaConfig()``; a preset as ``"model:method"``, ``(model, method)`` or just ``"method"``
-        (model inferred from the transformer class), when this version has presets.
+        ``DuCaConfig()``; a preset (``duca_compile.presets``) as ``"model:method"``, ``(model, method)``
+        or just ``"method"``, the model then inferred from the transformer class (DiT ->
+        ``dit-xl-2``, PixArt -> ``pixart-alpha``, Flux -> ``flux-dev``).
     inner, mode, options: how each variant is compiled (see ``duca_backend``); ``inner="eager"``
         compiles nothing but the cache rewrites, for tests and debugging.
     fullgraph: passed to ``torch.compile``; shapes are always static (``dynamic=False``), one graph per
@@ -251,43 +254,14 @@ def _resolve_config(config, transformer) -> CacheConfig:
         if not sep:
             model, method = _MODEL_NAMES.get(type(transformer).__name__), config
             if model is None:
-                raise ValueError(f"duca_compile.enable: cannot tell the preset's model from "
-                                 f"{type(transformer).__name__}; pass 'model:method', e.g. 'flux:fora'")
+                raise ValueError(f"duca_compile.enable: no preset model is known for {type(transformer).__name__}; "
+                                 f"pass 'model:method' (e.g. 'flux-dev:fora') or a config")
     elif isinstance(config, tuple) and len(config) == 2 and all(isinstance(x, str) for x in config):
         model, method = config
     else:
         raise ValueError(f"duca_compile.enable: config must be a CacheConfig such as FORAConfig(interval=3) or "
                          f"DuCaConfig(), or a preset name 'model:method'; got {type(config).__name__}")
-    lookup = _preset_lookup()
-    if lookup is None:
-        raise ValueError(f"duca_compile.enable: presets are not available in this version of duca_compile, so "
-                         f"{config!r} cannot be resolved; pass a config such as FORAConfig(interval=3)")
     try:
-        resolved = lookup(model, method)
-    except (KeyError, LookupError, ValueError) as e:
-        raise ValueError(f"duca_compile.enable: no preset for model {model!r}, method {method!r}: {e}") from e
-    if not isinstance(resolved, CacheConfig):
-        raise ValueError(f"duca_compile.enable: preset {model!r}:{method!r} gave {type(resolved).__name__}, "
-                         "not a CacheConfig")
-    return resolved
-
-
-def _preset_lookup():
-    """The presets function, whichever form this version has; None when it has none."""
-    try:
-        from ..policies.presets import preset
-        return preset
-    except ImportError:
-        pass
-    import duca_compile
-
-    presets = getattr(duca_compile, "presets", None)
-    if presets is None:
-        return None
-    if callable(presets):
-        return presets
-    for name in ("preset", "get"):
-        fn = getattr(presets, name, None)
-        if callable(fn):
-            return fn
-    return None
+        return presets(model, method)
+    except ValueError as e:
+        raise ValueError(f"duca_compile.enable: {e}") from e
