@@ -1,6 +1,6 @@
 """Demo: a tiny DiT sampling loop, plain Inductor vs the duca backend.
 
-    python -m duca_compile.demo [--steps 20] [--layers 4] [--interval 3] [--ratio 0.3]
+    python -m duca_compile.demo [--method duca] [--steps 20] [--layers 4] [--interval 3] [--ratio 0.3]
 
 Prints each step's mode, the compile (warm-up) time, per-request wall-clock of both, the speedup and
 the largest difference of the final samples. Random weights: it shows mechanics and cost, not
@@ -14,9 +14,18 @@ import time
 import torch
 
 import duca_compile
-from duca_compile import DuCaConfig, duca_backend
+from duca_compile import ClusCaConfig, DuCaConfig, FORAConfig, TaylorSeerConfig, ToCaConfig, duca_backend
 from duca_compile.policies import make_policy
 from duca_compile.tiny import make_model
+
+
+METHODS = {
+    "duca": lambda a: DuCaConfig(interval=a.interval, ratio=a.ratio),
+    "fora": lambda a: FORAConfig(interval=a.interval),
+    "toca": lambda a: ToCaConfig(interval=a.interval, ratio=a.ratio, soft_fresh_weight=0.25),
+    "taylorseer": lambda a: TaylorSeerConfig(interval=a.interval, max_order=2, first_enhance=2),
+    "clusca": lambda a: ClusCaConfig(interval=a.interval, clusters=16, propagation=0.005, first_enhance=2),
+}
 
 
 def sample(model, scheduler, steps, noise, labels):
@@ -39,6 +48,7 @@ def timed(fn, repeats):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--method", default="duca", choices=sorted(METHODS))
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--interval", type=int, default=3)
@@ -53,7 +63,7 @@ def main(argv=None):
     model = make_model("dit", layers=args.layers, sample=16, heads=4, head_dim=32)
     scheduler = DDIMScheduler(num_train_timesteps=1000)
     noise, labels = torch.randn(2, 4, 16, 16), torch.tensor([1, 3])
-    config = DuCaConfig(interval=args.interval, ratio=args.ratio)
+    config = METHODS[args.method](args)
     plain = torch.compile(model, backend=args.inner, fullgraph=True, dynamic=False)
     fast = torch.compile(model, backend=duca_backend(config, inner=args.inner), fullgraph=True, dynamic=False)
 
@@ -70,12 +80,13 @@ def main(argv=None):
     stats = duca_compile.stats(fast)
     policy = make_policy(config)
     letters = {"full": "F", "subset": "C", "skip": "A", "reuse": "R"}
-    modes = " ".join(letters[policy.plan(step).mode.value] for step in range(args.steps))
-    print(f"step modes: {modes} (F=full, C=conservative SUBSET, A=aggressive SKIP)")
+    modes = " ".join(letters[policy.plan(step, args.steps).mode.value] for step in range(args.steps))
+    print(f"step modes: {modes} (F=full, C=conservative SUBSET, A=aggressive SKIP, R=reuse/forecast)")
     print(f"per request (median of {args.repeats}): eager {t_eager * 1e3:.0f} ms, plain Inductor "
           f"{t_plain * 1e3:.0f} ms, duca {t_duca * 1e3:.0f} ms")
     print(f"speedup vs plain {args.inner}: {t_plain / t_duca:.2f}x; tokens computed: {stats['token_ratio']:.0%} "
-          f"of uncached; calls since warm-up: {stats['calls'] - calls_before}")
+          f"of uncached; FLOPs: {stats['flop_ratio']:.0%} of uncached; calls since warm-up: "
+          f"{stats['calls'] - calls_before}")
     print(f"max |duca - plain| on final samples: {(out - ref).abs().max().item():.4f} "
           f"(plain vs eager: {(ref - eager).abs().max().item():.2e})")
 

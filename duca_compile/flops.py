@@ -326,10 +326,18 @@ def _runner(trace: _Trace, config: CacheConfig):
     return runner
 
 
-def _variant_label(key) -> str:
+def _per_variant(runner, calls) -> dict:
+    """Variant label ("FULL", "SUBSET(k=8,12)", ...) -> FLOPs of one call; "#2"... on equal labels."""
     from .report import _variant_name
 
-    return _variant_name(key)
+    out = {}
+    for key in calls:
+        label, i = _variant_name(key), 1
+        while label in out:
+            i += 1
+            label = f"{_variant_name(key)}#{i}"
+        out[label] = variant_flops(runner, key)
+    return out
 
 
 def flops_report(model, config: CacheConfig, num_steps: int = 50, batch: int = 2, inputs: dict | None = None,
@@ -397,7 +405,7 @@ def flops_report(model, config: CacheConfig, num_steps: int = 50, batch: int = 2
         "flop_ratio": ratio, "speedup_flops": 1.0 / ratio if ratio else float("inf"),
         "steps": {m.value: modes.get(m.value, 0) for m in Mode},
         "flops_per_mode": {m: sum(v) / len(v) for m, v in per_mode.items()},
-        "flops_per_variant": {_variant_label(k): variant_flops(runner, k) for k in calls},
+        "flops_per_variant": _per_variant(runner, calls),
         "flops_clustering": acc["flops_clustering"], "tokens_per_site": acc["tokens_per_site"],
         "trace_seconds": trace.seconds, "count_seconds": time.perf_counter() - start,
     }

@@ -11,7 +11,7 @@ from duca_compile import ClusCaConfig, DuCaConfig, FORAConfig
 from duca_compile.flops import (count_flops, flops_report, flops_table, full_key, meta_model, model_inputs,
                                 variant_flops)
 from duca_compile.runtime import state_of
-from duca_compile.tiny import make_inputs, make_model
+from duca_compile.tiny import make_inputs
 
 from helpers import FAMILIES, compile_tiny, timesteps
 
