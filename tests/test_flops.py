@@ -1,6 +1,5 @@
 """FLOP accounting: variant FLOPs against torch's FlopCounterMode, stats() per call, full-size reports."""
 import copy
-import time
 
 import pytest
 import torch
@@ -8,8 +7,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import duca_compile
 from duca_compile import ClusCaConfig, DuCaConfig, FORAConfig
-from duca_compile.flops import (count_flops, flops_report, flops_table, full_key, meta_model, model_inputs,
-                                variant_flops)
+from duca_compile.flops import count_flops, full_key, variant_flops
+from duca_compile.full_size import flops_report, flops_table, meta_model, model_inputs
 from duca_compile.runtime import state_of
 from duca_compile.tiny import make_inputs
 
@@ -99,7 +98,6 @@ def test_report_follows_the_runtime_schedule():
 
 
 def test_dit_xl_2_report_on_meta():
-    start = time.perf_counter()
     r = flops_report("dit-xl-2", FORAConfig(interval=2), num_steps=4, batch=2)
     assert r["steps"] == {"full": 2, "reuse": 2, "skip": 0, "subset": 0, "partial": 0}
     full, reuse = r["flops_per_mode"]["full"], r["flops_per_mode"]["reuse"]
@@ -117,7 +115,6 @@ def test_dit_xl_2_report_on_meta():
     # the trace is kept: a table row for the same model and batch only counts
     table = flops_table(["dit-xl-2"], {"fora": FORAConfig(interval=2)}, num_steps=4, batch=2)
     assert "| dit-xl-2 | 4 | 0.475 | 2.00x (50.1%) |" in table.splitlines()[2]
-    assert time.perf_counter() - start < 120
 
 
 def test_report_rejects_bad_arguments():

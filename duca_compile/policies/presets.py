@@ -34,9 +34,13 @@ _PIXART_RATIO = RatioSchedule(step_weight=0.9, layer_weight=0.6, module_weight=1
 _OPENSORA_CYCLES = (("self_attn", "FCA"), ("ff", "FCA"), ("cross_attn", "FCACCA"))
 
 
+# The DiT ratio schedule changes k every conservative step: ~20 distinct plans (variants) per request.
+_DIT_VARIANTS = 32
+
+
 def _dit_duca(selection):
     return DuCaConfig(interval=3, ratio=0.05, selection=selection, soft_fresh_weight=0.25, spatial_grid=2,
-                      spatial_bonus=0.8, ratio_schedule=_DIT_RATIO, **_DIT_STEPS)
+                      spatial_bonus=0.8, ratio_schedule=_DIT_RATIO, max_variants=_DIT_VARIANTS, **_DIT_STEPS)
 
 
 def _pixart_duca(selection):
@@ -53,7 +57,8 @@ def _opensora_duca(selection):
 PRESETS = {
     ("dit-xl-2", "fora"): (lambda: FORAConfig(interval=3), "FORA N=3, as compared in TaylorSeer's DiT table"),
     ("dit-xl-2", "toca"): (lambda: ToCaConfig(interval=3, ratio=0.07, soft_fresh_weight=0.25, spatial_grid=2,
-                                              spatial_bonus=0.6, ratio_schedule=_DIT_RATIO, **_DIT_STEPS),
+                                              spatial_bonus=0.6, ratio_schedule=_DIT_RATIO, max_variants=_DIT_VARIANTS,
+                                              **_DIT_STEPS),
                            "ToCa README, DDIM-50: N=3, R=0.07, ToCa-ddim50 ratio schedule"),
     ("dit-xl-2", "duca"): (lambda: _dit_duca("random"), "DuCa README (N=3, R=0.05, λ3=0.25), v2 random selection"),
     ("dit-xl-2", "duca-v1"): (lambda: _dit_duca("kv-norm"), "as 'duca' with v1's V-caching (kv-norm) scores"),
