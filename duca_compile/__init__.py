@@ -2,7 +2,6 @@
 from .backend import DuCaBackend, duca_backend
 from .policies import (CacheConfig, ClusCaConfig, DuCaConfig, FORAConfig, Mode, RatioSchedule, ScriptedConfig,
                        TaylorSeerConfig, ToCaConfig)
-from .full_size import flops_report
 from .integrations.diffusers import disable, enable
 from .policies.presets import presets
 from .report import explain, stats
@@ -12,3 +11,11 @@ __all__ = ["duca_backend", "DuCaBackend", "CacheConfig", "DuCaConfig", "FORAConf
            "TaylorSeerConfig", "ClusCaConfig", "RatioSchedule", "ScriptedConfig", "Mode", "presets",
            "stats", "explain", "reset", "sampling", "enable", "disable", "flops_report"]
 __version__ = "0.2.0"
+
+
+def __getattr__(name):
+    # loaded on first use, so `python -m duca_compile.full_size` runs a module not yet imported
+    if name == "flops_report":
+        from .full_size import flops_report
+        return flops_report
+    raise AttributeError(f"module 'duca_compile' has no attribute {name!r}")

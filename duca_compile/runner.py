@@ -114,10 +114,11 @@ class GraphRunner:
         key = self.key(actions, skip)
         out = self.variant(actions, skip)(*args, *slot.caches, *extra)
         self.variant_calls[key] += 1
+        for name, action in actions.items():
+            if action == "compute" and not skip:
+                st.selector.full(name)         # every token of a computed site is fresh again
         if plan.mode is Mode.FULL:
             slot.epoch = st.epoch
-            for site in self.sitemap.sites:
-                st.selector.full(site.name)
             if self.layout.propagation is not None:
                 self._cluster(slot)
         self._count(plan, actions, skip)
