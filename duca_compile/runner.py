@@ -40,6 +40,7 @@ class GraphRunner:
         self.variants: dict[tuple, object] = {}
         self.variant_graphs: dict[tuple, object] = {}
         self.variant_calls: Counter = Counter()
+        self.input_specs: dict[tuple, list] = {}
         self.slots: dict[int, _Slot] = {}
         self.sites = {s.name: s for s in sitemap.sites}
         state.runners.append(weakref.ref(self))
@@ -109,9 +110,9 @@ class GraphRunner:
         if slot.epoch != st.epoch:
             slot.taylor.reset()
             slot.clusters = {}
-        extra = self._inputs(slot, actions)
-        st.last_plan, st.last_actions, st.last_skip = plan, actions, skip
         key = self.key(actions, skip)
+        extra = self._inputs(slot, actions, key)
+        st.last_plan, st.last_actions, st.last_skip = plan, actions, skip
         out = self.variant(actions, skip)(*args, *slot.caches, *extra)
         self.variant_calls[key] += 1
         for name, action in actions.items():
@@ -124,10 +125,13 @@ class GraphRunner:
         self._count(plan, actions, skip)
         return out
 
-    def _inputs(self, slot: _Slot, actions: dict) -> list[torch.Tensor]:
+    def _inputs(self, slot: _Slot, actions: dict, key: tuple) -> list[torch.Tensor]:
         st, out = self.state, []
         st.last_indices, st.last_assign = {}, {}
-        for spec in self.layout.inputs(actions):
+        specs = self.input_specs.get(key)
+        if specs is None:
+            specs = self.input_specs[key] = self.layout.inputs(actions)
+        for spec in specs:
             if spec.kind == "taylor_coef":
                 coef, w = slot.taylor.tables(actions, st.step, spec.device)
                 out.append(coef)

@@ -6,15 +6,15 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["TINY_MODELS", "make_model", "make_inputs"]
+__all__ = ["TINY_MODELS", "make_model", "make_inputs", "randomize_zero_params"]
 
 
-def _dit(layers: int = 2, sample: int = 8, heads: int = 2, head_dim: int = 16):
+def _dit(layers: int = 2, sample: int = 8, heads: int = 2, head_dim: int = 16, classes: int = 10):
     from diffusers import DiTTransformer2DModel
 
     return DiTTransformer2DModel(
         num_attention_heads=heads, attention_head_dim=head_dim, in_channels=4, out_channels=8,
-        num_layers=layers, sample_size=sample, patch_size=2, num_embeds_ada_norm=10,
+        num_layers=layers, sample_size=sample, patch_size=2, num_embeds_ada_norm=classes,
         norm_num_groups=1,
     )
 
@@ -47,14 +47,17 @@ def make_model(family: str, seed: int = 0, **overrides) -> torch.nn.Module:
     if family not in TINY_MODELS:
         raise ValueError(f"family must be one of {sorted(TINY_MODELS)}, got {family!r}")
     torch.manual_seed(seed)
-    model = TINY_MODELS[family](**overrides).eval()
-    # diffusers zero-inits several output layers (adaLN-Zero gates, final projections); random
-    # weights there make every branch visible in the output, so a broken cache cannot hide.
+    return randomize_zero_params(TINY_MODELS[family](**overrides))
+
+
+def randomize_zero_params(model: torch.nn.Module) -> torch.nn.Module:
+    """diffusers zero-inits several output layers (adaLN-Zero gates, final projections); random
+    weights there make every branch visible in the output, so a broken cache cannot hide."""
     with torch.no_grad():
         for p in model.parameters():
             if p.abs().sum() == 0:
                 p.normal_(std=0.05)
-    return model
+    return model.eval()
 
 
 def make_inputs(family: str, model: torch.nn.Module, batch: int = 2, timestep: float = 500.0,

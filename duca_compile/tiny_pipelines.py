@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from .tiny import make_model
+from .tiny import make_model, randomize_zero_params
 
 __all__ = ["PIPELINE_FAMILIES", "make_pipeline", "pipeline_call_kwargs", "needs_transformers"]
 
@@ -32,29 +32,10 @@ def _check_family(family: str) -> None:
         raise ValueError(f"family must be one of {PIPELINE_FAMILIES}, got {family!r}")
 
 
-def _randomize_zero_params(model: torch.nn.Module) -> torch.nn.Module:
-    # As tiny.make_model: zero-initialised output layers would hide a broken cache.
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.abs().sum() == 0:
-                p.normal_(std=0.05)
-    return model.eval()
-
-
-def _tiny_dit() -> torch.nn.Module:
-    # DiTPipeline's unconditional label is class 1000, so the tiny DiT needs 1000 classes (tiny.make_model
-    # uses 10); everything else matches tiny._dit.
-    from diffusers import DiTTransformer2DModel
-
-    return _randomize_zero_params(DiTTransformer2DModel(
-        num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=8, num_layers=2,
-        sample_size=8, patch_size=2, num_embeds_ada_norm=1000, norm_num_groups=1))
-
-
 def _tiny_sd3() -> torch.nn.Module:
     from diffusers import SD3Transformer2DModel
 
-    return _randomize_zero_params(SD3Transformer2DModel(
+    return randomize_zero_params(SD3Transformer2DModel(
         sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=16,
         num_attention_heads=2, joint_attention_dim=24, caption_projection_dim=32, pooled_projection_dim=12,
         pos_embed_max_size=16))
@@ -78,8 +59,8 @@ def make_pipeline(family: str, seed: int = 0):
     import diffusers
 
     torch.manual_seed(seed)
-    if family == "dit":
-        transformer = _tiny_dit()
+    if family == "dit":   # DiTPipeline's unconditional label is class 1000
+        transformer = make_model("dit", seed=seed, classes=1000)
     elif family == "sd3":
         transformer = _tiny_sd3()
     else:
