@@ -128,6 +128,7 @@ class ModelState:
         restart, step, slot = self.tracker.observe(t)
         if restart:
             self.new_request()
+            self.num_steps = None    # timesteps do not say how many steps a request has
         self.step, self.slot = step, slot
         return True
 

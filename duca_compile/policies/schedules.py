@@ -6,6 +6,7 @@ their published form.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 from .base import CacheConfig, StepPlan, check_int, check_unit
@@ -57,14 +58,20 @@ def cycle_residues(num_steps: int | None, step: int, interval: int, weight: floa
     """
     if not weight and not count_down and not forced:
         return step % interval          # constant interval, counting up: no need for T
-    I, residue = interval, 0
-    for s in range(step + 1):
+    return _residues(num_steps, interval, weight, count_down, forced)[step]
+
+
+@functools.lru_cache(maxsize=64)
+def _residues(num_steps: int, interval: int, weight: float, count_down: bool, forced: tuple) -> tuple:
+    out, I = [], interval
+    for s in range(num_steps):
         x = official_step(s, num_steps, count_down)
         if s == 0 or x % I == 0:
-            I, residue = _interval_at(x, num_steps, interval, weight, forced), 0
+            I = _interval_at(x, num_steps, interval, weight, forced)
+            out.append(0)
         else:
-            residue = x % I
-    return residue
+            out.append(x % I)
+    return tuple(out)
 
 
 def _interval_at(x: int, num_steps: int, interval: int, weight: float, forced: tuple) -> int:
