@@ -154,7 +154,10 @@ def _classify(raw: fx.Node, stream: fx.Node, block: str, where: _Where) -> str:
     region = _ancestors(raw, {stream}, block, where)
     attn = [n for n in region if n.op == "call_function" and n.target in _SDPA_TARGETS]
     if not attn:
-        return "ff"
+        # An attention module without SDPA (Sana's linear attention, a bmm/softmax processor) still
+        # mixes tokens: call it self-attention, so SUBSET reuses it instead of computing k tokens.
+        cls = _child_class(raw, f"{block}.{where.child[raw]}")
+        return "self_attn" if "Attention" in cls else "ff"
     for sdpa in attn:
         key = sdpa.args[1] if len(sdpa.args) > 1 else sdpa.kwargs.get("key")
         if isinstance(key, fx.Node) and _reaches(key, stream):
