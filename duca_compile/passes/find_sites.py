@@ -178,6 +178,19 @@ def _reaches(node: fx.Node, target: fx.Node) -> bool:
     return False
 
 
+def _branch_input(operand: fx.Node, raw: fx.Node) -> fx.Node:
+    """The residual stream as the branch reads it. The add's operand may be a cast of it (Wan adds
+    ``hidden.float()``), so walk back through single-input nodes to a value the branch depends on."""
+    node = operand
+    for _ in range(8):
+        if _reaches(raw, node):
+            return node
+        if len(node.all_input_nodes) != 1:
+            break
+        node = node.all_input_nodes[0]
+    return operand
+
+
 def _token_count(n: fx.Node) -> int | None:
     val = n.meta.get("example_value")
     if isinstance(val, torch.Tensor) and val.ndim == 3 and isinstance(val.shape[1], int):
@@ -204,6 +217,7 @@ def find_sites(gm: fx.GraphModule) -> SiteMap:
         else:
             continue
         residual_adds.append(n)
+        stream = _branch_input(stream, raw)
         name = f"{block}.{child}"
         site = sites.get(name)
         if site is None:
@@ -245,6 +259,8 @@ def _subset_reason(site: Site, graph: fx.Graph) -> str:
         return "branch has several outputs"
     nodes = {n.name: n for n in graph.nodes}
     raw, stream = nodes[site.outputs[0]], nodes[site.streams[0]]
+    if not _reaches(raw, stream):
+        return "the branch does not read the residual stream it is added to"
     if _token_count(raw) is None or _token_count(stream) != _token_count(raw):
         return "branch input and output are not [batch, tokens, channels] with the same token count"
     return ""
