@@ -53,8 +53,8 @@ class GraphRunner:
         actions, skip = policy.actions(plan, self.sitemap.sites, len(self.sitemap.blocks), step, num_steps)
         return StepPlan(effective_mode(actions, skip), plan.ratio), actions, skip
 
-    def variant(self, actions: dict, skip: bool):
-        key = self.key(actions, skip)
+    def variant(self, actions: dict, skip: bool, key: tuple | None = None):
+        key = key if key is not None else self.key(actions, skip)
         fn = self.variants.get(key)
         if fn is None:
             start = time.perf_counter()
@@ -113,7 +113,7 @@ class GraphRunner:
         key = self.key(actions, skip)
         extra = self._inputs(slot, actions, key)
         st.last_plan, st.last_actions, st.last_skip = plan, actions, skip
-        out = self.variant(actions, skip)(*args, *slot.caches, *extra)
+        out = self.variant(actions, skip, key)(*args, *slot.caches, *extra)
         self.variant_calls[key] += 1
         for name, action in actions.items():
             if action == "compute" and not skip:
