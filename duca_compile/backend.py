@@ -14,10 +14,11 @@ import torch
 import torch.fx as fx
 from torch._dynamo.backends.registry import register_backend
 
-from .passes import CacheLayout, build_variant, find_sites
+from .passes import CacheLayout, build_variant, find_sites, probe_subsets
+from .passes.graph_paths import graph_fake_mode, source_name as _source_name
 from .policies import CacheConfig, DuCaConfig
 from .runner import GraphRunner
-from .runtime import attach_state
+from .runtime import TimestepClock, attach_state
 
 __all__ = ["duca_backend", "DuCaBackend", "INNER_COMPILERS"]
 
@@ -57,23 +58,36 @@ class DuCaBackend:
         sitemap = find_sites(gm) if not why else None
         if sitemap is not None and not sitemap:
             why = sitemap.why_empty
+        elif sitemap is not None:
+            probe_subsets(gm, sitemap)
         params = [x for x in example_inputs if isinstance(x, torch.nn.Parameter)]
-        if not why and not params:
+        owner = _owner(params)
+        if not why and owner is None:
             why = "the graph has no parameters, so it cannot be tied to a model"
-        if why:
-            warnings.warn(f"duca: no caching for this graph ({why}); compiling it plainly with {inner}",
-                          stacklevel=2)
-            return compile_variant(gm, example_inputs)
-
-        state = attach_state(params[0], config)
-        policy = state.policy
-        layout = CacheLayout.from_graph(gm, sitemap, orders=policy.taylor_orders, propagation=policy.propagation,
-                                        value_norms=getattr(config, "selection", "") == "kv-norm")
-        fake_mode = torch._guards.detect_fake_mode(example_inputs)
         placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
         user = [i for i, (n, x) in enumerate(zip(placeholders, example_inputs))
                 if not isinstance(x, torch.nn.Parameter) and "_buffers" not in _source_name(n)]
         ts = [i for i in user if TIMESTEP_INPUT_NAMES.search(_source_name(placeholders[i]))]
+        if why:
+            hint = (" (a model split by graph breaks caches the pieces that hold its blocks: "
+                    "duca_compile.explain(model) lists them)") if sitemap is not None else ""
+            warnings.warn(f"duca: no caching for this graph ({why}); compiling it plainly with {inner}{hint}",
+                          stacklevel=2)
+            compiled = compile_variant(gm, example_inputs)
+            if owner is None:
+                return compiled
+            state = attach_state(owner, config)
+            if why not in state.uncached:
+                state.uncached.append(why)
+            # the piece before a graph break: it tells the block pieces after it which step this is
+            return TimestepClock(state, compiled, ts[0]) if ts and sitemap is not None else compiled
+
+        state = attach_state(owner, config)
+        policy = state.policy
+        layout = CacheLayout.from_graph(gm, sitemap, orders=policy.taylor_orders, propagation=policy.propagation,
+                                        value_norms=getattr(config, "selection", "") == "kv-norm")
+        fake_mode = graph_fake_mode(n.meta.get("example_value") for n in gm.graph.nodes) \
+            or torch._guards.detect_fake_mode(example_inputs)
 
         def build(actions, skip):
             variant = build_variant(gm, sitemap, layout, actions, skip, fake_mode)
@@ -99,12 +113,19 @@ def duca_backend(*args, **kwargs):
 register_backend(duca_backend, name="duca")
 
 
-def _source_name(node: fx.Node) -> str:
-    src = getattr(node, "_dynamo_source", None)
+def _owner(params: list):
+    """What a graph's caching state belongs to: the module Dynamo is compiling (so the pieces of a
+    model split by graph breaks share one state), else the graph's first parameter."""
     try:
-        return src.name() if callable(getattr(src, "name", None)) else str(src.name if src else node.name)
-    except Exception:  # noqa: BLE001 - a source without a name is just not a match
-        return node.name
+        from torch._dynamo.symbolic_convert import InstructionTranslator
+
+        tx = InstructionTranslator.current_tx()
+        module = tx.f_locals.get("self") if tx is not None else None
+    except Exception:  # noqa: BLE001 - outside Dynamo (or another version): fall back to the parameter
+        module = None
+    if isinstance(module, torch.nn.Module) and (not params or any(p is params[0] for p in module.parameters())):
+        return module
+    return params[0] if params else None
 
 
 def _unsupported(gm: fx.GraphModule, example_inputs) -> str:

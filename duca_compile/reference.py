@@ -68,20 +68,38 @@ class ReferenceCache:
 
     @classmethod
     def from_compiled(cls, model, compiled, **kw) -> "ReferenceCache":
+        """An oracle with ``compiled``'s sites and, unless given, its method's Taylor orders,
+        warm-up and ClusCa propagation."""
         from .report import explain
+        from .runtime import state_of
 
-        graph = explain(compiled, as_text=False)[0]
+        st = state_of(compiled)
+        kw.setdefault("orders", st.policy.taylor_orders)
+        kw.setdefault("first_enhance", getattr(st.config, "first_enhance", 1))
+        kw.setdefault("propagation", st.policy.propagation)
+        graph = next(g for g in explain(compiled, as_text=False) if g["sites"])
         return cls(model, {s["name"]: s["kind"] for s in graph["sites"]}, graph["blocks"][-1], **kw)
+
+    def replay(self, compiled, **inputs):
+        """Run ``inputs`` with the actions, indices and slot of ``compiled``'s last call."""
+        from .runtime import state_of
+
+        st = state_of(compiled)
+        return self.run(st.last_actions, st.last_skip, st.last_indices, slot=st.slot, step=st.step,
+                        assign=st.last_assign, **inputs)
 
     def _site_hook(self, name):
         def hook(module, args, out):
             c = self._call
             if c["skip"]:
                 return out                      # the stack output is replaced; caches stay as they are
-            terms = self.caches.setdefault(c["slot"], {}).setdefault(name, None)
+            # a module run twice per forward (CogView4's shared ``ff``: image, then text) caches each call
+            call = c["calls"][name] = c["calls"].get(name, -1) + 1
+            key = (name, call)
+            terms = self.caches.setdefault(c["slot"], {}).setdefault(key, None)
             outs = _tuple(out)
             if terms is None:
-                terms = self.caches[c["slot"]][name] = [_Terms() for _ in outs]
+                terms = self.caches[c["slot"]][key] = [_Terms() for _ in outs]
             action = c["actions"][name]
             if action == "compute":
                 for t, o in zip(terms, outs):
@@ -111,7 +129,7 @@ class ReferenceCache:
             assign: dict | None = None, **inputs):
         """One forward call: ``actions`` maps each site to "compute" | "reuse" | k (rows in ``indices``)."""
         self._call = dict(actions=actions, skip=skip, indices=dict(indices or {}), slot=slot, step=step,
-                          assign=dict(assign or {}))
+                          assign=dict(assign or {}), calls={})
         handles = [self.model.get_submodule(n).register_forward_hook(self._site_hook(n)) for n in self.sites]
         handles.append(self.model.get_submodule(self.last_block).register_forward_hook(self._stack_hook))
         try:

@@ -26,7 +26,8 @@ def _require(model):
 
 
 def stats(model, flops: bool = True) -> dict:
-    """Calls per mode, tokens computed, requests seen, cache hits, resets and compile time.
+    """Calls per mode, tokens computed, requests seen, cache hits (in total and per block),
+    resets, compile time, and ``uncached``: why graphs of the model (if any) run plainly.
 
     With ``flops`` (counted lazily here, once per variant, on fake tensors: see ``duca_compile.flops``):
     ``flops_run`` (FLOPs of every call so far), ``flops_full`` (what the uncached model would have
@@ -36,6 +37,7 @@ def stats(model, flops: bool = True) -> dict:
     st = _require(model)
     out = st.stats.as_dict()
     out["config"] = st.config
+    out["uncached"] = list(st.uncached)
     out["token_ratio"] = out["tokens_computed"] / out["tokens_total"] if out["tokens_total"] else 1.0
     if flops:
         from .flops import model_flops
@@ -92,6 +94,10 @@ def explain(model, as_text: bool = True, num_steps: int | None = None):
     if not as_text:
         return graphs
     lines = [f"duca: {st.config!r}"]
+    if not graphs:
+        lines.append("no graph of this model is cached; it runs plainly")
+    for why in st.uncached:
+        lines.append(f"uncached graph piece: {why}")
     for i, g in enumerate(graphs):
         lines.append(f"graph {i}: {len(g['blocks'])} blocks, {len(g['sites'])} sites, "
                      f"stack output {g['stack_outputs']}")

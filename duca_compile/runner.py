@@ -16,6 +16,7 @@ from .clustering import cluster_representatives, kmeans_l1
 from .passes import order_key
 from .policies import Mode, StepPlan
 from .policies.base import effective_mode
+from .runtime import timestep_value
 from .taylor import TaylorClock
 
 __all__ = ["GraphRunner"]
@@ -81,8 +82,7 @@ class GraphRunner:
     def _timestep(self, args) -> float | None:
         if self.timestep_index is None:
             return None
-        t = args[self.timestep_index]
-        return float(t.reshape(-1)[0]) if isinstance(t, torch.Tensor) else float(t)
+        return timestep_value(args[self.timestep_index])
 
     def _slot(self, slot: int) -> _Slot:
         if slot not in self.slots:
@@ -96,7 +96,7 @@ class GraphRunner:
             st.stats.shape_resets += 1
             st.epoch += 1                      # never mix caches of two shapes
         st.shape_keys[self.piece_key] = shape_key
-        tracked = st.advance(lambda: self._timestep(args))
+        tracked = st.advance_piece((lambda: self._timestep(args)) if self.timestep_index is not None else None)
         slot = self._slot(st.slot)
         if not tracked:
             st.stats.fallback_calls += 1
@@ -180,12 +180,12 @@ class GraphRunner:
             n = sum(site.tokens)
             s.tokens_total += n
             a = actions[site.name]
-            if skip or a == "reuse":
-                s.cache_hits += 1
-            elif a == "compute":
+            if a == "compute" and not skip:
                 s.tokens_computed += n
-            else:
-                s.cache_hits += 1          # the rows not recomputed come from the cache
+                continue
+            s.cache_hits += 1              # reused, or the rows a SUBSET step did not recompute
+            s.block_hits[site.block] += 1
+            if isinstance(a, int) and not skip:
                 s.tokens_computed += a
         if skip:
             s.cache_hits += 1              # the stack output itself

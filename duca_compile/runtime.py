@@ -7,7 +7,6 @@ driver) and owns token selection; ``runner.GraphRunner`` dispatches each call to
 from __future__ import annotations
 
 import contextlib
-import time
 import weakref
 from collections import Counter
 from dataclasses import dataclass, field
@@ -17,15 +16,24 @@ import torch
 from .policies import CacheConfig, Mode, StepPlan, make_policy
 from .selection import TokenSelector
 
-__all__ = ["ModelState", "PipelineDriver", "Stats", "state_of", "attach_state", "sampling", "reset"]
+__all__ = ["ModelState", "PipelineDriver", "Stats", "TimestepClock", "state_of", "attach_state", "sampling",
+           "reset"]
 
-# id(first parameter) -> (weakref to it, state). Tensors compare elementwise, so no WeakKeyDictionary.
+# id(owner) -> (weakref to it, state); the owner is the compiled module (every graph piece Dynamo
+# makes from it shares the state) or, outside Dynamo, a graph's first parameter. Tensors compare
+# elementwise, so no WeakKeyDictionary.
 _STATES: dict[int, tuple[weakref.ref, "ModelState"]] = {}
 
 
-def _lookup(param: torch.Tensor) -> "ModelState | None":
-    entry = _STATES.get(id(param))
-    return entry[1] if entry is not None and entry[0]() is param else None
+def timestep_value(t) -> float:
+    """The number marking a call's step: the mean timestep. Per-token timesteps (LTX's conditioning
+    frames stay at 0) still change every step; one scalar device-to-host copy."""
+    return float(t.float().mean()) if isinstance(t, torch.Tensor) else float(t)
+
+
+def _lookup(owner) -> "ModelState | None":
+    entry = _STATES.get(id(owner))
+    return entry[1] if entry is not None and entry[0]() is owner else None
 
 
 @dataclass
@@ -38,12 +46,14 @@ class Stats:
     cache_hits: int = 0          # site (or stack) outputs read from a cache instead of computed
     shape_resets: int = 0        # caches dropped because batch, resolution or dtype changed
     fallback_calls: int = 0      # calls run FULL because no step could be tracked
+    block_hits: Counter = field(default_factory=Counter)   # block -> site outputs it read from a cache
     variants_compiled: int = 0
     compile_seconds: float = 0.0
 
     def as_dict(self) -> dict:
         d = dict(self.__dict__)
         d["steps"] = {m.value: self.steps.get(m.value, 0) for m in Mode}
+        d["block_hits"] = dict(self.block_hits)
         return d
 
 
@@ -97,6 +107,13 @@ class ModelState:
         self.last_actions: dict = {}
         self.last_assign: dict = {}
         self.last_skip = False
+        self.uncached: list[str] = []     # why graphs of this model run plainly
+        # Graph pieces of one model call (graph breaks): a piece holding the timestep but no blocks
+        # counts calls and keeps the timestep tensor; the first block piece of the call advances.
+        self.clock_calls = 0
+        self.pending_timestep: torch.Tensor | None = None
+        self.advanced_at = -1
+        self.tracked = False
 
     def new_request(self) -> None:
         self.epoch += 1
@@ -132,6 +149,19 @@ class ModelState:
         self.step, self.slot = step, slot
         return True
 
+    def advance_piece(self, own_timestep) -> bool:
+        """``advance`` for one graph piece: with its own timestep input it advances; otherwise the
+        first piece of a model call advances on the timestep a clock piece saw, the rest follow."""
+        if own_timestep is not None:
+            self.tracked = self.advance(own_timestep)
+        elif self.clock_calls and self.advanced_at == self.clock_calls:
+            return self.tracked
+        else:
+            t = self.pending_timestep
+            self.tracked = self.advance(lambda: None if t is None else timestep_value(t))
+        self.advanced_at = self.clock_calls
+        return self.tracked
+
     def generator(self, device: torch.device) -> torch.Generator:
         if device not in self.generators:
             g = torch.Generator(device=device)
@@ -160,6 +190,9 @@ class ModelState:
 def state_of(model) -> ModelState | None:
     """The caching state of a compiled model (or of its original module)."""
     module = getattr(model, "_orig_mod", model)
+    st = _lookup(module)
+    if st is not None:
+        return st
     for p in module.parameters() if isinstance(module, torch.nn.Module) else ():
         st = _lookup(p)
         if st is not None:
@@ -167,13 +200,28 @@ def state_of(model) -> ModelState | None:
     return None
 
 
-def attach_state(first_param: torch.Tensor, config: CacheConfig) -> ModelState:
-    st = _lookup(first_param)
+def attach_state(owner, config: CacheConfig) -> ModelState:
+    """The state of ``owner`` (a module, or a graph's first parameter), new if its config changed."""
+    st = _lookup(owner)
     if st is None or st.config != config:
         st = ModelState(config)
-        key = id(first_param)
-        _STATES[key] = (weakref.ref(first_param, lambda _, key=key: _STATES.pop(key, None)), st)
+        key = id(owner)
+        _STATES[key] = (weakref.ref(owner, lambda _, key=key: _STATES.pop(key, None)), st)
     return st
+
+
+class TimestepClock:
+    """Wraps a compiled graph piece that takes the timestep but holds no blocks (the part of a
+    model before a graph break): each call it counts a model call and keeps the timestep tensor
+    for the block piece that follows. Nothing is read from the device here."""
+
+    def __init__(self, state: ModelState, compiled, timestep_index: int):
+        self.state, self.compiled, self.timestep_index = state, compiled, timestep_index
+
+    def __call__(self, *args):
+        self.state.clock_calls += 1
+        self.state.pending_timestep = args[self.timestep_index]
+        return self.compiled(*args)
 
 
 @dataclass

@@ -9,7 +9,7 @@ from duca_compile import DuCaConfig, FORAConfig, ScriptedConfig, duca_backend
 from duca_compile.runtime import state_of
 from duca_compile.tiny import make_inputs, make_model
 
-from helpers import FAMILIES, compile_tiny, run_against_oracle, timesteps
+from helpers import FAMILIES, compile_tiny, timesteps
 
 ALL_MODES = ("full", "subset", "skip", "reuse")
 

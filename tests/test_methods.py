@@ -9,7 +9,7 @@ from duca_compile import ClusCaConfig, DuCaConfig, FORAConfig, ScriptedConfig, T
 from duca_compile.runtime import state_of
 from duca_compile.tiny import make_inputs
 
-from helpers import FAMILIES, compile_tiny, oracle_for, run_against_oracle, run_oracle_step, timesteps
+from helpers import FAMILIES, compile_tiny, oracle_for, run_against_oracle, timesteps
 
 OPENSORA_CYCLES = (("self_attn", "FCA"), ("ff", "FCA"), ("cross_attn", "FCACCA"))
 METHODS = {

@@ -104,3 +104,33 @@ def test_clusca_subset_propagates_and_kv_norm_full_records_value_norms():
     runner, v = _graphs("dit", DuCaConfig(interval=3, ratio=0.25, selection="kv-norm"), n=3)
     assert _targets(v["FULL"]).count("linalg_vector_norm.default") == len(runner.sitemap.blocks)
     assert "linalg_vector_norm.default" not in _targets(v["SUBSET"])   # self-attention is not run there
+
+
+def test_dead_code_removal_understands_in_place_writes():
+    """Writes into a buffer nobody reads die (Wan's slice-by-slice RoPE kept a whole block alive in
+    SKIP under FX's DCE); in-place writes into read buffers and graph inputs live."""
+    import operator
+
+    from duca_compile.passes.remove_dead_code import remove_dead_code
+
+    g = torch.fx.Graph()
+    x, cache = g.placeholder("x"), g.placeholder("cache")
+    first = g.call_function(operator.getitem, (x, (Ellipsis, 0)))
+    dead = g.call_function(torch.empty_like, (x,))                          # filled, never read: goes
+    g.call_function(operator.setitem, (dead, (Ellipsis, 0), g.call_function(operator.mul, (first, 2))))
+    live = g.call_function(torch.zeros_like, (x,))                          # filled, then read: stays
+    g.call_function(operator.setitem, (live, (Ellipsis, 0), first))
+    g.call_method("add_", (cache, 1))                                      # a graph input: stays
+    y = g.call_method("clone", (x,))
+    g.call_method("mul_", (y, 5))                                           # result unused, y read: stays
+    g.output(g.call_function(operator.add, (live, y)))
+    gm = torch.fx.GraphModule(torch.nn.Module(), g)
+
+    assert remove_dead_code(gm.graph) == 3                                  # empty_like, its setitem, the mul
+    gm.recompile()
+    assert [n.args[0] for n in gm.graph.nodes if n.target is operator.setitem] == [live]
+    xv, cv = torch.randn(3, 4), torch.zeros(2)
+    expected = torch.zeros(3, 4)
+    expected[..., 0] = xv[..., 0]
+    torch.testing.assert_close(gm(xv, cv), expected + 5 * xv)
+    torch.testing.assert_close(cv, torch.ones(2))

@@ -14,12 +14,13 @@ from .clone_graph import clone_graph
 from .find_sites import Site, SiteMap, find_sites
 from .layout import Action, CacheLayout, InputSpec, VariantContext, order_key
 from .record_value_norms import record_value_norms
+from .remove_dead_code import remove_dead_code
 from .reuse_branches import reuse_branches
 from .skip_stack import skip_stack
-from .subset_branches import subset_branches
+from .subset_branches import probe_subsets, subset_branches
 from .write_caches import write_caches
 
-__all__ = ["VARIANT_PASSES", "build_variant", "find_sites", "Site", "SiteMap", "CacheLayout", "Action", "InputSpec", "order_key"]
+__all__ = ["VARIANT_PASSES", "build_variant", "find_sites", "probe_subsets", "Site", "SiteMap", "CacheLayout", "Action", "InputSpec", "order_key"]
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +34,7 @@ def build_variant(gm: fx.GraphModule, sitemap: SiteMap, layout: CacheLayout, act
     for p in VARIANT_PASSES:
         p(ctx)
         log.debug("duca pass %s done", p.__name__)
-    ctx.gm.graph.eliminate_dead_code()
+    remove_dead_code(ctx.gm.graph)
     ctx.gm.graph.lint()
     ctx.gm.recompile()
     return ctx.gm

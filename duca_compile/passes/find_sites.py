@@ -4,7 +4,9 @@ Only generic structure is used: ``nn_module_stack`` says which block and which c
 belongs to, and a block-level ``add`` whose one operand comes from a single (non-norm) child module
 and whose other operand comes from no child is a residual add. The node first reached in that
 child is the branch's raw, un-gated output: REUSE reads it from a cache and re-applies the current
-step's gate, as the official DuCa code does.
+step's gate (and any norm wrapped around the output, Lumina2's sandwich norm), as the official
+DuCa code does. Children that do not read the stream (QwenImage's ``img_mod`` modulation) are
+conditioning, not branches. Block stacks that never see the latent (a text refiner) are not cached.
 """
 from __future__ import annotations
 
@@ -15,13 +17,17 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 
-__all__ = ["Site", "SiteMap", "find_sites", "module_path", "block_path", "ancestors_in_block", "is_sdpa"]
+from .graph_paths import (SDPA_TARGETS, ancestors_in_block, block_path, branch_region, child_class, is_sdpa,
+                          module_path, reaches, source_name, split_block, token_count)
+
+__all__ = ["Site", "SiteMap", "find_sites", "module_path", "block_path", "ancestors_in_block", "is_sdpa",
+           "branch_region", "source_name"]
 
 _ADD_TARGETS = {operator.add, operator.iadd, torch.add, torch.ops.aten.add.Tensor, "add", "add_"}
-_SDPA_TARGETS = {torch.nn.functional.scaled_dot_product_attention,
-                 torch.ops.aten.scaled_dot_product_attention.default}
+_CONV_TARGETS = {torch.conv1d, torch.conv2d, torch.conv3d, torch.nn.functional.conv1d,
+                 torch.nn.functional.conv2d, torch.nn.functional.conv3d}
 _NORM_NAME = re.compile(r"norm", re.IGNORECASE)
-_BLOCK_PREFIX = re.compile(r"^(.*?\.\d+)(?:\.|$)")
+LATENT_INPUT = re.compile(r"\['hidden_states'\]")
 
 
 @dataclass
@@ -36,6 +42,8 @@ class Site:
     tokens: list[int]      # token count (dim 1) of each output
     subset_reason: str = ""  # why SUBSET cannot compute this site token-wise ("" = it can)
     layer: int = 0           # index of ``block`` in the stack, in graph order
+    subset_input: str = ""   # node gathered on SUBSET steps: the stream, or the branch module's input
+    #                          when the stream has other tokens (CogVideoX's FF runs on text + video)
 
     @property
     def subsettable(self) -> bool:
@@ -53,50 +61,6 @@ class SiteMap:
         return bool(self.sites) and bool(self.stack_outputs)
 
 
-def _normalize(raw: str) -> str:
-    raw = raw.replace("L['self']", "").replace("L['fn']", "")
-    raw = re.sub(r"(?:\.?__dict__)?\['_modules'\]\['([^']+)'\]", r".\1", raw)
-    raw = re.sub(r"\._modules\['([^']+)'\]", r".\1", raw)
-    raw = re.sub(r"\[(\d+)\]", r".\1", raw)
-    raw = re.sub(r"\['([^']+)'\]", r".\1", raw)
-    return re.sub(r"\.+", ".", raw).strip(".")
-
-
-def module_path(node: fx.Node) -> str:
-    """Normalised module path of the innermost module that produced ``node`` ("" at top level)."""
-    stack = node.meta.get("nn_module_stack") or {}
-    return _normalize(list(stack.values())[-1][0]) if stack else ""
-
-
-def block_path(node: fx.Node) -> str | None:
-    """The block (``<name>.<index>``) a node belongs to, or None outside every block."""
-    m = _BLOCK_PREFIX.match(module_path(node)) if node.op != "output" else None
-    return m.group(1) if m else None
-
-
-def is_sdpa(node: fx.Node) -> bool:
-    return node.op == "call_function" and node.target in _SDPA_TARGETS
-
-
-def ancestors_in_block(node: fx.Node, stop: fx.Node, block: str) -> list[fx.Node]:
-    """Nodes of ``block`` that ``node`` depends on without passing through ``stop``."""
-    out, todo = {}, [node]
-    while todo:
-        n = todo.pop()
-        if n in out or n is stop or block_path(n) != block:
-            continue
-        out[n] = None
-        todo.extend(n.all_input_nodes)
-    return list(out)
-
-
-def _child_class(node: fx.Node, child_path: str) -> str:
-    for path, cls in (node.meta.get("nn_module_stack") or {}).values():
-        if _normalize(path) == child_path:
-            return getattr(cls, "__name__", str(cls))
-    return ""
-
-
 class _Where:
     """Block / child-module lookup for every node of a graph, computed once."""
 
@@ -106,12 +70,13 @@ class _Where:
         self.norm_child: dict[fx.Node, bool] = {}
         for n in graph.nodes:
             path = module_path(n) if n.op in ("call_function", "call_method", "call_module") else ""
-            m = _BLOCK_PREFIX.match(path)
-            self.block[n] = m.group(1) if m else None
-            rest = path[len(m.group(1)) + 1:] if m and len(path) > len(m.group(1)) else ""
-            self.child[n] = rest.split(".")[0] if rest else None
-            self.norm_child[n] = bool(self.child[n]) and (
-                bool(_NORM_NAME.search(self.child[n])) or "Norm" in _child_class(n, f"{m.group(1)}.{self.child[n]}"))
+            self.block[n], self.child[n] = split_block(path)
+            child = self.child[n]
+            self.norm_child[n] = bool(child) and (
+                bool(_NORM_NAME.search(child)) or "Norm" in child_class(n, f"{self.block[n]}.{child}"))
+
+    def nodes_of(self, block: str) -> set[fx.Node]:
+        return {n for n, b in self.block.items() if b == block}
 
 
 def _is_add(n: fx.Node) -> bool:
@@ -120,7 +85,8 @@ def _is_add(n: fx.Node) -> bool:
 
 
 def _reach_children(start: fx.Node, block: str, where: _Where) -> dict[str, fx.Node]:
-    """Non-norm child modules reached walking back from ``start`` through block-level non-add nodes."""
+    """Non-norm child modules reached walking back from ``start`` through block-level non-add nodes
+    and through norm children (a norm wrapped around a branch output is re-applied on REUSE)."""
     found: dict[str, fx.Node] = {}
     todo, seen = [start], set()
     while todo:
@@ -129,61 +95,31 @@ def _reach_children(start: fx.Node, block: str, where: _Where) -> dict[str, fx.N
             continue
         seen.add(n)
         child = where.child[n]
-        if child is not None:
-            if not where.norm_child[n]:
-                found.setdefault(child, n)
+        if child is not None and not where.norm_child[n]:
+            found.setdefault(child, n)
             continue
-        if _is_add(n):
+        if child is None and _is_add(n):
             continue  # an earlier residual: the stream, not this branch
-        todo.extend(a for a in n.all_input_nodes)
+        todo.extend(n.all_input_nodes)
     return found
 
 
-def _ancestors(node: fx.Node, stop: set[fx.Node], block: str, where: _Where) -> set[fx.Node]:
-    out, todo = set(), [node]
-    while todo:
-        n = todo.pop()
-        if n in out or n in stop or where.block.get(n) != block:
-            continue
-        out.add(n)
-        todo.extend(n.all_input_nodes)
-    return out
-
-
-def _classify(raw: fx.Node, stream: fx.Node, block: str, where: _Where) -> str:
-    region = _ancestors(raw, {stream}, block, where)
-    attn = [n for n in region if n.op == "call_function" and n.target in _SDPA_TARGETS]
-    if not attn:
-        # An attention module without SDPA (Sana's linear attention, a bmm/softmax processor) still
-        # mixes tokens: call it self-attention, so SUBSET reuses it instead of computing k tokens.
-        cls = _child_class(raw, f"{block}.{where.child[raw]}")
-        return "self_attn" if "Attention" in cls else "ff"
-    for sdpa in attn:
-        key = sdpa.args[1] if len(sdpa.args) > 1 else sdpa.kwargs.get("key")
-        if isinstance(key, fx.Node) and _reaches(key, stream):
-            return "self_attn"
-    return "cross_attn"
-
-
-def _reaches(node: fx.Node, target: fx.Node) -> bool:
-    todo, seen = [node], set()
-    while todo:
-        n = todo.pop()
-        if n is target:
-            return True
-        if n in seen:
-            continue
-        seen.add(n)
-        todo.extend(n.all_input_nodes)
-    return False
+def _cast_chain(node: fx.Node) -> set[fx.Node]:
+    """``node`` and the single-input nodes behind it (Wan adds ``hidden.float()``, a cast of the stream)."""
+    chain = {node}
+    for _ in range(8):
+        if len(node.all_input_nodes) != 1:
+            break
+        node = node.all_input_nodes[0]
+        chain.add(node)
+    return chain
 
 
 def _branch_input(operand: fx.Node, raw: fx.Node) -> fx.Node:
-    """The residual stream as the branch reads it. The add's operand may be a cast of it (Wan adds
-    ``hidden.float()``), so walk back through single-input nodes to a value the branch depends on."""
+    """The residual stream as the branch reads it: ``operand`` or the first node behind it the branch reads."""
     node = operand
     for _ in range(8):
-        if _reaches(raw, node):
+        if reaches(raw, node):
             return node
         if len(node.all_input_nodes) != 1:
             break
@@ -191,33 +127,84 @@ def _branch_input(operand: fx.Node, raw: fx.Node) -> fx.Node:
     return operand
 
 
-def _token_count(n: fx.Node) -> int | None:
-    val = n.meta.get("example_value")
-    if isinstance(val, torch.Tensor) and val.ndim == 3 and isinstance(val.shape[1], int):
-        return int(val.shape[1])
+def _residual(n: fx.Node, block: str, where: _Where, block_nodes: set) -> tuple[str, fx.Node, fx.Node] | None:
+    """(child, raw output, stream operand) if ``n`` adds one child's branch to the residual stream.
+    The stream may itself come from a child (HunyuanDiT's long-skip ``skip_linear``) when the branch
+    reads it; modulation children (gates computed from the timestep) do not read the stream."""
+    a, b = n.args[0], n.args[1]
+    reach_a, reach_b = _reach_children(a, block, where), _reach_children(b, block, where)
+    for delta, stream, other in ((reach_a, b, reach_b), (reach_b, a, reach_a)):
+        if not delta:
+            continue
+        chain = _cast_chain(stream)
+        if len(delta) > 1:
+            delta = {c: r for c, r in delta.items() if reaches(r, chain, within=block_nodes | chain)}
+        if len(delta) != 1:
+            continue
+        (child, raw), = delta.items()
+        if child not in other and all(reaches(raw, {o}, within=block_nodes | {o}) for o in other.values()):
+            return child, raw, stream
     return None
+
+
+def _latest_state(stream: fx.Node, raw: fx.Node, residual_adds: list[fx.Node]) -> fx.Node:
+    """The latest residual state the branch reads: AuraFlow adds its FF to the block input but feeds
+    it ``norm2(input + attention)``, so the FF's own input is the attention's residual add."""
+    inside = [n for n in branch_region(raw, stream) if n in residual_adds]
+    return inside[-1] if inside else stream
+
+
+def _latent_blocks(graph: fx.Graph, where: _Where) -> set[str] | None:
+    """Blocks that depend on the ``hidden_states`` input (None when no input has that name)."""
+    latent = [n for n in graph.nodes if n.op == "placeholder" and LATENT_INPUT.search(source_name(n))]
+    if not latent:
+        return None
+    dependent, blocks = set(latent), set()
+    for n in graph.nodes:
+        if n.op != "placeholder" and any(a in dependent for a in n.all_input_nodes):
+            dependent.add(n)
+            if where.block.get(n) is not None:
+                blocks.add(where.block[n])
+    return blocks
+
+
+def _classify(raw: fx.Node, stream: fx.Node, block: str, where: _Where) -> str:
+    region = branch_region(raw, stream)
+    attn = [n for n in region if n.op == "call_function" and n.target in SDPA_TARGETS]
+    if not attn:
+        # An attention module without SDPA (Sana's linear attention, a bmm/softmax processor) still
+        # mixes tokens: call it self-attention, so SUBSET reuses it instead of computing k tokens.
+        cls = child_class(raw, f"{block}.{where.child[raw]}")
+        return "self_attn" if "Attention" in cls else "ff"
+    for sdpa in attn:
+        key = sdpa.args[1] if len(sdpa.args) > 1 else sdpa.kwargs.get("key")
+        if isinstance(key, fx.Node) and reaches(key, stream):
+            return "self_attn"
+    return "cross_attn"
 
 
 def find_sites(gm: fx.GraphModule) -> SiteMap:
     """Locate every block's residual branches and the stack output in ``gm``."""
     graph = gm.graph
     where = _Where(graph)
-    sites: dict[str, Site] = {}
-    residual_adds: list[fx.Node] = []
+    latent_blocks = _latent_blocks(graph, where)
+    found, block_nodes = [], {}
     for n in graph.nodes:
         block = where.block.get(n)
         if block is None or where.child[n] is not None or not _is_add(n):
             continue
-        a, b = n.args[0], n.args[1]
-        reach_a, reach_b = _reach_children(a, block, where), _reach_children(b, block, where)
-        if len(reach_a) == 1 and not reach_b:
-            (child, raw), stream = next(iter(reach_a.items())), b
-        elif len(reach_b) == 1 and not reach_a:
-            (child, raw), stream = next(iter(reach_b.items())), a
-        else:
+        if latent_blocks is not None and block not in latent_blocks:
             continue
-        residual_adds.append(n)
-        stream = _branch_input(stream, raw)
+        if block not in block_nodes:
+            block_nodes[block] = where.nodes_of(block)
+        residual = _residual(n, block, where, block_nodes[block])
+        if residual is not None:
+            found.append((n, block, *residual))
+    residual_adds = {n: None for n, *_ in found}
+
+    sites: dict[str, Site] = {}
+    for _, block, child, raw, stream in found:
+        stream = _latest_state(_branch_input(stream, raw), raw, residual_adds)
         name = f"{block}.{child}"
         site = sites.get(name)
         if site is None:
@@ -226,10 +213,11 @@ def find_sites(gm: fx.GraphModule) -> SiteMap:
         if raw.name not in site.outputs:
             site.outputs.append(raw.name)
             site.streams.append(stream.name)
-            site.tokens.append(_token_count(raw) or -1)
+            site.tokens.append(token_count(raw) or token_count(stream) or -1)
 
+    nodes = {n.name: n for n in graph.nodes}
     for site in sites.values():
-        site.subset_reason = _subset_reason(site, graph)
+        site.subset_reason, site.subset_input = _subset_input(site, nodes, where)
 
     # Stack outputs: block nodes downstream of a residual add that feed something outside the blocks.
     downstream: set[fx.Node] = set()
@@ -252,15 +240,27 @@ def find_sites(gm: fx.GraphModule) -> SiteMap:
     return result
 
 
-def _subset_reason(site: Site, graph: fx.Graph) -> str:
+def _subset_input(site: Site, nodes: dict[str, fx.Node], where: _Where) -> tuple[str, str]:
+    """(why SUBSET cannot compute this site token-wise or "", the node to gather the tokens from)."""
     if site.kind == "self_attn":
-        return "self-attention mixes all tokens; it is reused on SUBSET steps"
+        return "self-attention mixes all tokens; it is reused on SUBSET steps", ""
     if len(site.outputs) != 1:
-        return "branch has several outputs"
-    nodes = {n.name: n for n in graph.nodes}
+        return "branch has several outputs", ""
     raw, stream = nodes[site.outputs[0]], nodes[site.streams[0]]
-    if not _reaches(raw, stream):
-        return "the branch does not read the residual stream it is added to"
-    if _token_count(raw) is None or _token_count(stream) != _token_count(raw):
-        return "branch input and output are not [batch, tokens, channels] with the same token count"
-    return ""
+    if not reaches(raw, stream):
+        return "the branch does not read the residual stream it is added to", ""
+    tokens = token_count(raw)
+    if tokens is None:
+        return "the branch output is not [batch, tokens, channels]", ""
+    source = stream
+    if token_count(stream) != tokens:
+        # the branch module's own input may carry the output's tokens (CogVideoX: text + video)
+        region = branch_region(raw, stream)
+        entries = [n for n in region if where.child.get(n) != where.child[raw]
+                   and any(where.child.get(u) == where.child[raw] for u in n.users)]
+        if len(entries) != 1 or token_count(entries[0]) != tokens:
+            return "branch input and output are not [batch, tokens, channels] with the same token count", ""
+        source = entries[0]
+    if any(n.op == "call_function" and n.target in _CONV_TARGETS for n in branch_region(raw, source)):
+        return "the branch convolves neighbouring tokens", ""
+    return "", source.name

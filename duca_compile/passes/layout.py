@@ -7,7 +7,8 @@ from typing import Union
 import torch
 import torch.fx as fx
 
-from .find_sites import SiteMap, ancestors_in_block, is_sdpa
+from .find_sites import SiteMap
+from .graph_paths import ancestors_in_block, is_sdpa
 
 __all__ = ["Action", "CacheSpec", "InputSpec", "CacheLayout", "VariantContext", "order_key"]
 
@@ -100,10 +101,11 @@ class CacheLayout:
         for site in self.sitemap.sites:
             k = actions.get(site.name)
             if isinstance(k, int):
-                dev = self.spec(order_key(site.name, 0)).device
-                add("index", site.name, (self.batch, k), torch.int64, dev)
+                # a site's own batch: Latte's temporal blocks run at batch × height × width
+                cache = self.spec(order_key(site.name, 0))
+                add("index", site.name, (cache.shape[0], k), torch.int64, cache.device)
                 if self.propagation is not None:
-                    add("assign", site.name, (self.batch, site.tokens[0]), torch.int64, dev)
+                    add("assign", site.name, (cache.shape[0], site.tokens[0]), torch.int64, cache.device)
         return out
 
 

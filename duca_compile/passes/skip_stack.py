@@ -1,7 +1,7 @@
 """SKIP: the hidden state leaving the block stack is read from its cache; the blocks become dead."""
 from __future__ import annotations
 
-from .find_sites import block_path
+from .graph_paths import block_path
 from .layout import VariantContext
 
 __all__ = ["skip_stack"]

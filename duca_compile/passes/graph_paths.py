@@ -1,0 +1,119 @@
+"""Where a Dynamo FX node sits (block, child module) and how nodes connect, from metadata only."""
+from __future__ import annotations
+
+import re
+
+import torch
+import torch.fx as fx
+
+__all__ = ["module_path", "block_path", "source_name", "is_sdpa", "reaches", "branch_region",
+           "ancestors_in_block", "token_count", "child_class", "graph_fake_mode", "SDPA_TARGETS"]
+
+SDPA_TARGETS = {torch.nn.functional.scaled_dot_product_attention,
+                torch.ops.aten.scaled_dot_product_attention.default}
+_BLOCK_PREFIX = re.compile(r"^(.*?\.\d+)(?:\.|$)")
+
+
+def _normalize(raw: str) -> str:
+    raw = raw.replace("L['self']", "").replace("L['fn']", "")
+    raw = re.sub(r"(?:\.?__dict__)?\['_modules'\]\['([^']+)'\]", r".\1", raw)
+    raw = re.sub(r"\._modules\['([^']+)'\]", r".\1", raw)
+    raw = re.sub(r"\[(\d+)\]", r".\1", raw)
+    raw = re.sub(r"\['([^']+)'\]", r".\1", raw)
+    return re.sub(r"\.+", ".", raw).strip(".")
+
+
+def module_path(node: fx.Node) -> str:
+    """Normalised module path of the innermost module that produced ``node`` ("" at top level)."""
+    stack = node.meta.get("nn_module_stack") or {}
+    return _normalize(list(stack.values())[-1][0]) if stack else ""
+
+
+def block_path(node: fx.Node) -> str | None:
+    """The block (``<name>.<index>``) a node belongs to, or None outside every block."""
+    m = _BLOCK_PREFIX.match(module_path(node)) if node.op != "output" else None
+    return m.group(1) if m else None
+
+
+def split_block(path: str) -> tuple[str | None, str | None]:
+    """``"blocks.3.attn1.to_q"`` -> (``"blocks.3"``, ``"attn1"``); the child is None at block level."""
+    m = _BLOCK_PREFIX.match(path)
+    if not m:
+        return None, None
+    rest = path[len(m.group(1)) + 1:]
+    return m.group(1), rest.split(".")[0] if rest else None
+
+
+def child_class(node: fx.Node, child_path: str) -> str:
+    for path, cls in (node.meta.get("nn_module_stack") or {}).values():
+        if _normalize(path) == child_path:
+            return getattr(cls, "__name__", str(cls))
+    return ""
+
+
+def source_name(node: fx.Node) -> str:
+    """Dynamo's name for a placeholder's source, e.g. ``L['timestep']`` (the node name if none)."""
+    src = getattr(node, "_dynamo_source", None)
+    try:
+        return src.name() if callable(getattr(src, "name", None)) else str(src.name if src else node.name)
+    except Exception:  # noqa: BLE001 - a source without a name is just not a match
+        return node.name
+
+
+def is_sdpa(node: fx.Node) -> bool:
+    return node.op == "call_function" and node.target in SDPA_TARGETS
+
+
+def reaches(node: fx.Node, targets, within: set | None = None) -> bool:
+    """Whether ``node`` depends on any of ``targets``; with ``within``, only walking nodes of that set."""
+    targets = targets if isinstance(targets, (set, frozenset, dict)) else {targets}
+    todo, seen = [node], set()
+    while todo:
+        n = todo.pop()
+        if n in targets:
+            return True
+        if n in seen or (within is not None and n not in within):
+            continue
+        seen.add(n)
+        todo.extend(n.all_input_nodes)
+    return False
+
+
+def ancestors_in_block(node: fx.Node, stop: fx.Node, block: str) -> list[fx.Node]:
+    """Nodes of ``block`` that ``node`` depends on without passing through ``stop``."""
+    out, todo = {}, [node]
+    while todo:
+        n = todo.pop()
+        if n in out or n is stop or block_path(n) != block:
+            continue
+        out[n] = None
+        todo.extend(n.all_input_nodes)
+    return list(out)
+
+
+def branch_region(raw: fx.Node, stream: fx.Node) -> list[fx.Node]:
+    """Nodes on some path ``stream -> raw`` (stream excluded), in graph order. A branch lies inside
+    its block, so the walk back from ``raw`` stays there."""
+    up = sorted(ancestors_in_block(raw, stream, block_path(raw)))     # FX nodes sort in graph order
+    down = {stream}
+    for n in up:
+        if any(a in down for a in n.all_input_nodes):
+            down.add(n)
+    return [n for n in up if n in down]
+
+
+def token_count(n: fx.Node) -> int | None:
+    """Dim 1 of a ``[batch, tokens, channels]`` value, else None."""
+    val = n.meta.get("example_value")
+    if isinstance(val, torch.Tensor) and val.ndim == 3 and isinstance(val.shape[1], int):
+        return int(val.shape[1])
+    return None
+
+
+def graph_fake_mode(values):
+    """The fake mode of the first fake tensor among ``values`` (Dynamo's example values carry their
+    own mode, which is not the one the backend's tracing context reports)."""
+    for v in values:
+        if isinstance(v, torch._subclasses.FakeTensor):
+            return v.fake_mode
+    return None
