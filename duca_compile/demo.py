@@ -1,10 +1,12 @@
-"""Demo: a tiny DiT sampling loop, plain Inductor vs the duca backend.
+"""Demo: a DiT sampling loop, plain torch.compile vs the duca backend, side by side.
 
-    python -m duca_compile.demo [--method duca] [--steps 20] [--layers 4] [--interval 3] [--ratio 0.3]
+    python -m duca_compile.demo [--method duca] [--steps 50] [--out duca_demo.png]
 
-Prints each step's mode, the compile (warm-up) time, per-request wall-clock of both, the speedup and
-the largest difference of the final samples. Random weights: it shows mechanics and cost, not
-image quality.
+By default the DiT trained on upsampled digits (``benchmarks/``, run from the repository) samples
+one digit of each class: prints each step's mode, the compile (warm-up) time, per-request
+wall-clock of both, the speed-up, FLOPs and how close the cached samples stay (PSNR), and writes a
+PNG of the uncached and the cached samples. ``--model tiny`` uses a random-init tiny DiT instead
+(mechanics and cost only: its samples mean nothing).
 """
 from __future__ import annotations
 
@@ -15,9 +17,8 @@ import torch
 
 import duca_compile
 from duca_compile import ClusCaConfig, DuCaConfig, FORAConfig, TaylorSeerConfig, ToCaConfig, duca_backend
-from duca_compile.policies import make_policy
+from duca_compile.report import _LETTERS
 from duca_compile.tiny import make_model
-
 
 METHODS = {
     "duca": lambda a: DuCaConfig(interval=a.interval, ratio=a.ratio),
@@ -28,13 +29,38 @@ METHODS = {
 }
 
 
-def sample(model, scheduler, steps, noise, labels):
-    scheduler.set_timesteps(steps)
+def _setup(name: str, layers: int):
+    """(model, scheduler factory, noise, labels, description)."""
+    from diffusers import DDIMScheduler
+
+    if name == "digits":
+        try:
+            from benchmarks.models import load_dit
+            from benchmarks.sampling import scheduler, starts
+        except (ImportError, FileNotFoundError) as e:
+            print(f"(the trained digits DiT is not reachable: {e}; using --model tiny)")
+        else:
+            noise, labels = starts(10)
+            return load_dit(), scheduler, noise, labels, "digits DiT (trained): 8 blocks, 256 tokens, 10 samples"
+    torch.manual_seed(0)
+    model = make_model("dit", layers=layers, sample=16, heads=4, head_dim=32)
+
+    def tiny_scheduler(steps):
+        s = DDIMScheduler(num_train_timesteps=1000)
+        s.set_timesteps(steps)
+        return s
+    return model, tiny_scheduler, torch.randn(2, 4, 16, 16), torch.tensor([1, 3]), \
+        f"tiny random DiT: {layers} blocks, 64 tokens, batch 2"
+
+
+def sample(model, make_scheduler, steps, noise, labels):
+    """One request; steps are tracked from the timesteps (a repeated first timestep starts a new request)."""
+    scheduler = make_scheduler(steps)
     x = noise.clone()
     for t in scheduler.timesteps:
         out = model(x, timestep=t.expand(x.shape[0]).float(), class_labels=labels, return_dict=False)[0]
-        x = scheduler.step(out[:, :4], t, x).prev_sample
-    return x
+        x = scheduler.step(out[:, :x.shape[1]], t, x).prev_sample
+    return x.clamp(-1, 1)
 
 
 def timed(fn, repeats):
@@ -46,49 +72,77 @@ def timed(fn, repeats):
     return result, sorted(times)[len(times) // 2]
 
 
+def _psnr(a, b) -> float:
+    mse = ((a - b) / 2).pow(2).mean().clamp_min(1e-10)
+    return float(10 * torch.log10(1 / mse))
+
+
+def _write_png(path, ref, out, title):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = ref.shape[0]
+    fig, axes = plt.subplots(2, n, figsize=(n * 0.9, 2.3), squeeze=False)
+    for row, (images, name) in enumerate(((ref, "uncached"), (out, "cached"))):
+        for j in range(n):
+            ax = axes[row][j]
+            ax.imshow(((images[j, 0] + 1) / 2).clamp(0, 1).numpy(), cmap="gray", vmin=0, vmax=1)
+            ax.set_xticks([])
+            ax.set_yticks([])
+        axes[row][0].set_ylabel(name, fontsize=8)
+    fig.suptitle(title, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="digits", choices=["digits", "tiny"])
     p.add_argument("--method", default="duca", choices=sorted(METHODS))
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--layers", type=int, default=4, help="blocks of the tiny model")
     p.add_argument("--interval", type=int, default=3)
     p.add_argument("--ratio", type=float, default=0.3)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--inner", default="inductor", choices=["inductor", "eager"],
                    help="compiler for both plain and duca variants (eager: mechanics only, no speed)")
+    p.add_argument("--out", default="duca_demo.png", help="side-by-side PNG of the samples ('' to skip)")
     args = p.parse_args(argv)
-    from diffusers import DDIMScheduler
 
-    torch.manual_seed(0)
-    model = make_model("dit", layers=args.layers, sample=16, heads=4, head_dim=32)
-    scheduler = DDIMScheduler(num_train_timesteps=1000)
-    noise, labels = torch.randn(2, 4, 16, 16), torch.tensor([1, 3])
+    model, make_scheduler, noise, labels, what = _setup(args.model, args.layers)
     config = METHODS[args.method](args)
     plain = torch.compile(model, backend=args.inner, fullgraph=True, dynamic=False)
     fast = torch.compile(model, backend=duca_backend(config, inner=args.inner), fullgraph=True, dynamic=False)
 
     with torch.no_grad():
-        print(f"tiny DiT: {args.layers} blocks, 64 tokens, batch 2, DDIM {args.steps} steps; {config}")
-        eager, t_eager = timed(lambda: sample(model, scheduler, args.steps, noise, labels), 1)
-        _, warm_plain = timed(lambda: sample(plain, scheduler, args.steps, noise, labels), 1)
-        _, warm_duca = timed(lambda: sample(fast, scheduler, args.steps, noise, labels), 1)
-        print(f"warm-up (compile) request: plain Inductor {warm_plain:.1f} s, duca {warm_duca:.1f} s")
-        ref, t_plain = timed(lambda: sample(plain, scheduler, args.steps, noise, labels), args.repeats)
+        print(f"{what}, DDIM {args.steps} steps; {config}")
+        eager, t_eager = timed(lambda: sample(model, make_scheduler, args.steps, noise, labels), 1)
+        _, warm_plain = timed(lambda: sample(plain, make_scheduler, args.steps, noise, labels), 1)
+        _, warm_duca = timed(lambda: sample(fast, make_scheduler, args.steps, noise, labels), 1)
+        print(f"warm-up (compile) request: plain {args.inner} {warm_plain:.1f} s, duca {warm_duca:.1f} s")
+        ref, t_plain = timed(lambda: sample(plain, make_scheduler, args.steps, noise, labels), args.repeats)
         calls_before = duca_compile.stats(fast)["calls"]
-        out, t_duca = timed(lambda: sample(fast, scheduler, args.steps, noise, labels), args.repeats)
+        out, t_duca = timed(lambda: sample(fast, make_scheduler, args.steps, noise, labels), args.repeats)
 
     stats = duca_compile.stats(fast)
-    policy = make_policy(config)
-    letters = {"full": "F", "subset": "C", "skip": "A", "reuse": "R"}
-    modes = " ".join(letters[policy.plan(step, args.steps).mode.value] for step in range(args.steps))
-    print(f"step modes: {modes} (F=full, C=conservative SUBSET, A=aggressive SKIP, R=reuse/forecast)")
-    print(f"per request (median of {args.repeats}): eager {t_eager * 1e3:.0f} ms, plain Inductor "
+    plan = duca_compile.explain(fast, as_text=False, num_steps=args.steps)[0]["plan"]
+    print("step modes: " + " ".join(_LETTERS[s["mode"]] for s in plan)
+          + " (F=full, C=conservative SUBSET, A=aggressive SKIP, R=reuse/forecast)")
+    print(f"per request (median of {args.repeats}): eager {t_eager * 1e3:.0f} ms, plain {args.inner} "
           f"{t_plain * 1e3:.0f} ms, duca {t_duca * 1e3:.0f} ms")
-    print(f"speedup vs plain {args.inner}: {t_plain / t_duca:.2f}x; tokens computed: {stats['token_ratio']:.0%} "
+    speedup = t_plain / t_duca
+    print(f"speedup vs plain {args.inner}: {speedup:.2f}x; tokens computed: {stats['token_ratio']:.0%} "
           f"of uncached; FLOPs: {stats['flop_ratio']:.0%} of uncached; calls since warm-up: "
           f"{stats['calls'] - calls_before}")
-    print(f"max |duca - plain| on final samples: {(out - ref).abs().max().item():.4f} "
+    print(f"cached vs uncached samples: PSNR {_psnr(out, ref):.1f} dB, max |diff| {(out - ref).abs().max():.4f} "
           f"(plain vs eager: {(ref - eager).abs().max().item():.2e})")
+    if args.out:
+        _write_png(args.out, ref, out, f"{what}, DDIM {args.steps}: {args.method} {speedup:.2f}x vs plain "
+                   f"{args.inner}, FLOPs {stats['flop_ratio']:.0%}, PSNR {_psnr(out, ref):.1f} dB")
+        print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

@@ -27,7 +27,8 @@ def _require(model):
 
 def stats(model, flops: bool = True) -> dict:
     """Calls per mode, tokens computed, requests seen, cache hits (in total and per block),
-    resets, compile time, and ``uncached``: why graphs of the model (if any) run plainly.
+    resets, compile time, ``cache_bytes`` (memory held by caches and Taylor terms, every slot and
+    shape), and ``uncached``: why graphs of the model (if any) run plainly.
 
     With ``flops`` (counted lazily here, once per variant, on fake tensors: see ``duca_compile.flops``):
     ``flops_run`` (FLOPs of every call so far), ``flops_full`` (what the uncached model would have
@@ -38,6 +39,8 @@ def stats(model, flops: bool = True) -> dict:
     out = st.stats.as_dict()
     out["config"] = st.config
     out["uncached"] = list(st.uncached)
+    out["cache_bytes"] = sum(t.numel() * t.element_size() for ref in st.runners if ref() is not None
+                             for slot in ref().slots.values() for t in slot.caches)
     out["token_ratio"] = out["tokens_computed"] / out["tokens_total"] if out["tokens_total"] else 1.0
     if flops:
         from .flops import model_flops

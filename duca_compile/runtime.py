@@ -23,6 +23,7 @@ __all__ = ["ModelState", "PipelineDriver", "Stats", "TimestepClock", "state_of",
 # makes from it shares the state) or, outside Dynamo, a graph's first parameter. Tensors compare
 # elementwise, so no WeakKeyDictionary.
 _STATES: dict[int, tuple[weakref.ref, "ModelState"]] = {}
+_PENDING: dict[int, tuple[weakref.ref, "_Sampling"]] = {}     # sampling() entered before the state exists
 
 
 def timestep_value(t) -> float:
@@ -202,9 +203,14 @@ def state_of(model) -> ModelState | None:
 
 def attach_state(owner, config: CacheConfig) -> ModelState:
     """The state of ``owner`` (a module, or a graph's first parameter), new if its config changed."""
-    st = _lookup(owner)
+    old = st = _lookup(owner)
     if st is None or st.config != config:
         st = ModelState(config)
+        pending = _PENDING.get(id(owner))
+        if pending is not None and pending[0]() is owner:     # a sampling() entered before the first call
+            st.driver = pending[1]
+        elif old is not None:                                 # recompiled with another config inside one
+            st.driver = old.driver
         key = id(owner)
         _STATES[key] = (weakref.ref(owner, lambda _, key=key: _STATES.pop(key, None)), st)
     return st
@@ -274,7 +280,8 @@ class PipelineDriver:
 @contextlib.contextmanager
 def sampling(model, num_steps: int | None = None, calls_per_step: int = 1):
     """Explicit step tracking: inside, the k-th call is step ``k // calls_per_step``; the timestep
-    is never read (no device-to-host copy). Entering starts a new request.
+    is never read (no device-to-host copy). Entering starts a new request. It may be entered
+    before the model's first call: the state Dynamo's first compile creates takes it over.
 
     Example:
         with duca_compile.sampling(fast, num_steps=len(scheduler.timesteps)):
@@ -284,16 +291,23 @@ def sampling(model, num_steps: int | None = None, calls_per_step: int = 1):
         raise ValueError(f"calls_per_step must be >= 1, got {calls_per_step!r}")
     if num_steps is not None and num_steps < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps!r}")
+    driver, module = _Sampling(num_steps, calls_per_step), getattr(model, "_orig_mod", model)
     st = state_of(model)
-    if st is None:
-        raise ValueError("model has not been compiled with the duca backend yet: call it once first, "
-                         "or enter sampling() after the first call")
-    previous, st.driver = st.driver, _Sampling(num_steps, calls_per_step)
+    if st is None and not isinstance(module, torch.nn.Module):
+        raise ValueError("sampling() needs the compiled module (or a model already called once)")
+    previous = st.driver if st is not None else None
+    if st is not None:
+        st.driver = driver
+    else:
+        _PENDING[id(module)] = (weakref.ref(module), driver)
     try:
-        yield st
+        yield st                  # None when the first call inside creates the state
     finally:
-        st.driver = previous
-        st.reset()
+        _PENDING.pop(id(module), None)
+        for state in {id(s): s for s in (st, state_of(model)) if s is not None}.values():
+            if state.driver is driver:          # the state a compile inside the block created, too
+                state.driver = previous
+            state.reset()
 
 
 def reset(model) -> None:

@@ -1,4 +1,5 @@
 """Backend behaviour: exactness, no recompiles, caches that hit, request/shape tracking, bad input."""
+import math
 import warnings
 
 import pytest
@@ -47,6 +48,8 @@ def test_caches_hit_and_change_the_output(family):
     s = duca_compile.stats(fast)
     assert s["steps"] == {"full": 2, "reuse": 0, "skip": 2, "subset": 2, "partial": 0}   # F C A F C A
     assert s["cache_hits"] > 0 and s["tokens_computed"] < s["tokens_total"]
+    layout = state_of(fast).runners[0]().layout                 # one slot: every cache once
+    assert s["cache_bytes"] == sum(math.prod(c.shape) * c.dtype.itemsize for c in layout.caches) > 0
     for step, (out, plain) in enumerate(outs):
         same = torch.allclose(out, plain, atol=1e-6)
         assert same == (step % 3 == 0), f"step {step}: cached output {'equals' if same else 'differs from'} FULL"
@@ -110,6 +113,28 @@ def test_explicit_sampling_context_does_not_read_timesteps():
     with pytest.raises(ValueError, match="calls_per_step"):
         with duca_compile.sampling(fast, calls_per_step=0):
             pass
+
+
+def test_sampling_context_may_open_before_the_first_call():
+    """The natural first request: the context is entered before Dynamo has compiled anything."""
+    model, fast = compile_tiny("dit", FORAConfig(interval=2))
+    kw = make_inputs("dit", model, timestep=500.0)
+    with duca_compile.sampling(fast, num_steps=4):
+        modes = []
+        for _ in range(4):
+            fast(**kw)                                     # same timestep every call: still 4 steps
+            modes.append(state_of(fast).last_plan.mode.value)
+    assert modes == ["full", "reuse", "full", "reuse"]
+    assert state_of(fast).driver is None                   # the context is gone afterwards
+    # the same module recompiled with another config inside a context: the new state follows it
+    torch._dynamo.reset()
+    other = torch.compile(model, backend=duca_backend(DuCaConfig(interval=3, count_down=True), inner="eager"),
+                          fullgraph=True, dynamic=False)
+    with duca_compile.sampling(other, num_steps=3):         # count_down needs num_steps
+        for _ in range(3):
+            other(**kw)
+    steps = duca_compile.stats(other, flops=False)["steps"]          # x = 2, 1, 0 counting down: F C F
+    assert (steps["full"], steps["subset"]) == (2, 1) and state_of(other).driver is None
 
 
 def test_restarting_timesteps_start_a_new_request_and_reset():

@@ -3,12 +3,20 @@ from duca_compile import demo
 
 
 def test_demo_runs_and_reports(capsys):
-    demo.main(["--steps", "6", "--layers", "2", "--repeats", "1", "--inner", "eager"])
+    demo.main(["--model", "tiny", "--steps", "6", "--layers", "2", "--repeats", "1", "--inner", "eager", "--out", ""])
     out = capsys.readouterr().out
     assert "step modes: F C A F C A" in out
     assert "speedup vs plain eager" in out and "tokens computed: " in out and "FLOPs: " in out
 
 
 def test_demo_runs_other_methods(capsys):
-    demo.main(["--method", "taylorseer", "--steps", "6", "--layers", "2", "--repeats", "1", "--inner", "eager"])
+    demo.main(["--model", "tiny", "--method", "taylorseer", "--steps", "6", "--layers", "2", "--repeats", "1",
+               "--inner", "eager", "--out", ""])
     assert "step modes: F F R R F R" in capsys.readouterr().out
+
+
+def test_demo_samples_the_trained_digits_model_and_writes_the_image(capsys, tmp_path):
+    png = tmp_path / "demo.png"
+    demo.main(["--steps", "6", "--repeats", "1", "--inner", "eager", "--out", str(png)])
+    out = capsys.readouterr().out
+    assert "digits DiT (trained)" in out and "PSNR" in out and png.stat().st_size > 1000

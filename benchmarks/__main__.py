@@ -1,0 +1,154 @@
+"""``python -m benchmarks train|fidelity|speed|flops [--quick] [--device cuda]``
+
+Results land in ``benchmarks/results/`` as markdown (with the device and versions), JSON and PNG;
+``--quick`` runs a few-minute version of each on the CPU (its files get a ``_quick`` suffix).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+import pathlib
+import warnings
+
+import torch
+
+from .results_io import RESULTS, environment, markdown_table, plot_tradeoff, sample_grid, write
+
+FIDELITY_COLUMNS = {"method": ("method", "{}"), "knob": ("knob", "{}"), "PSNR (dB)": ("psnr", "{:.2f}"),
+                    "SSIM": ("ssim", "{:.4f}"), "class acc.": ("accuracy", "{:.1%}"), "FD to real": ("fd", "{:.2f}"),
+                    "FLOP ratio": ("flop_ratio", "{:.1%}"), "request s": ("seconds", "{:.1f}"),
+                    "speed-up vs compile": ("speedup", "{:.2f}x"),
+                    "compile s": ("compile_seconds", "{:.1f}"), "notes": ("notes", "{}")}
+SPEED_COLUMNS = {"size": ("size", "{}"), "method": ("method", "{}"), "request s": ("seconds", "{:.3f}"),
+                 "vs torch.compile": ("vs_compile", "{:.2f}x"), "FLOP ratio": ("flop_ratio", "{:.1%}"),
+                 "wall-clock / FLOP speed-up": ("realised", "{:.0%}"), "compile s": ("compile_seconds", "{:.1f}"),
+                 "variants": ("variants", "{}"), "s / variant": ("compile_per_variant", "{:.1f}"),
+                 "cache MB": ("cache_mb", "{:.2f}")}
+
+
+def _progress():
+    try:
+        from tqdm.auto import tqdm
+        return lambda it, desc="": tqdm(it, desc=desc, leave=False)
+    except ImportError:
+        return lambda it, desc="": it
+
+
+def _suffix(quick: bool) -> str:
+    return "_quick" if quick else ""
+
+
+def fidelity(args) -> None:
+    from .data import digits
+    from .fidelity import QUICK, STANDARD, run
+    from .metrics import features
+    from .models import load_classifier, load_dit
+
+    setup = dataclasses.replace(QUICK if args.quick else STANDARD, **{k: v for k, v in (
+        ("samples", args.samples), ("steps", args.steps), ("guidance", args.guidance)) if v is not None})
+    model, classifier = load_dit(), load_classifier()
+    real = features(classifier, digits("all")[0])
+    from . import peers as peer_module
+
+    peer_list, unavailable = peer_module.peers(setup.steps, cfg=setup.guidance > 1), peer_module.unavailable()
+    if importlib.util.find_spec("cache_dit") is None:
+        unavailable["cache-dit"] = "not installed here: pip install -e '.[bench]'"
+        peer_list = [p for p in peer_list if p.library != "cache-dit"]
+    if args.quick:                                   # diffusers is a dependency: its hooks always run
+        peer_list = [p for p in peer_list if p.library == "diffusers"][:1]
+    rows, drawn, labels = run(setup, model, classifier, real, peer_list, progress=_progress())
+    name = "fidelity" + _suffix(args.quick)
+    text = (f"{setup.samples} samples per method, DDIM {setup.steps} steps, guidance {setup.guidance}, as "
+            f"{setup.samples // setup.batch} requests of {setup.batch} through {setup.inner}; request time: median "
+            f"of the requests after the first (warm-up).\n\n"
+            + markdown_table(rows, FIDELITY_COLUMNS) + "\n")
+    text += _random_vs_kv_norm(rows)
+    if unavailable:
+        text += "\nPeers that could not run on this model:\n\n" + "".join(f"- {k}: {v}\n" for k, v in unavailable.items())
+    path = write(args.out, name, "Fidelity: every method against the uncached sampler", text, rows, environment())
+    plot_tradeoff(rows, args.out / f"{name}.png")
+    keep = [k for k in drawn if k == "uncached" or "N=3" in k or "preset" in k or k in {p.name for p in peer_list[:4]}]
+    sample_grid({k: drawn[k] for k in keep}, labels, args.out / f"samples{_suffix(args.quick)}.png")
+    print(path.read_text())
+
+
+def _random_vs_kv_norm(rows) -> str:
+    """DuCa v2's claim (random token selection is as good as or better than "important" tokens),
+    read off the table whichever way it comes out."""
+    by = {(r.method, r.knob): r for r in rows}
+    pairs = [(k, by[("DuCa v2 (random)", k)], by[("DuCa v1 (kv-norm)", k)]) for (m, k) in by
+             if m == "DuCa v2 (random)" and ("DuCa v1 (kv-norm)", k) in by]
+    if not pairs:
+        return ""
+    cells = "; ".join(f"{k}: {v2.psnr - v1.psnr:+.2f} dB PSNR, {v2.fd - v1.fd:+.2f} FD, "
+                      f"{v2.accuracy - v1.accuracy:+.1%} accuracy" for k, v2, v1 in pairs)
+    wins = sum(v2.psnr >= v1.psnr for _, v2, v1 in pairs)
+    return (f"\nRandom (v2) minus kv-norm (v1) selection, same N: {cells}. Random has the higher PSNR "
+            f"at {wins} of {len(pairs)} N.\n")
+
+
+def speed(args) -> None:
+    from .speed import METHODS, SIZES, peak_rss_mb, run
+
+    sizes = args.sizes or [s for s, spec in SIZES.items() if spec[3] == args.device]
+    if args.quick:
+        sizes, steps, repeats, methods, inner = ["tiny"], 6, 1, ("fora", "duca"), "eager"
+    else:
+        steps, repeats, methods, inner = args.steps or 50, 3, tuple(args.methods or METHODS), "inductor"
+    rows = run(sizes, steps, repeats, methods, inner, progress=_progress())
+    text = (f"One request: batch 2, DDIM {steps} steps, median of {repeats} after a warm-up request; "
+            f"inner compiler {inner}. Peak RSS of the whole run: {peak_rss_mb():.0f} MB.\n\n"
+            + markdown_table(rows, SPEED_COLUMNS) + "\n")
+    path = write(args.out, "speed" + _suffix(args.quick), "Speed per model size", text, rows, environment(args.device))
+    print(path.read_text())
+
+
+def flops(args) -> None:
+    from duca_compile.full_size import MODELS, flops_table
+
+    models = ["dit-xl-2"] if args.quick else list(MODELS)
+    table = flops_table(models, batch=2)
+    path = write(args.out, "flops" + _suffix(args.quick), "FLOPs per method on full-size models (meta device, batch 2)",
+                 "FLOP speed-up over the uncached model (FLOP ratio), one request, the presets.\n\n" + table, [],
+                 environment())
+    print(path.read_text())
+
+
+def main(argv=None) -> None:
+    from .train import train_classifier, train_dit
+
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    train = sub.add_parser("train", help="train the DiT and/or the classifier on this CPU")
+    train.add_argument("what", nargs="?", choices=["dit", "classifier", "both"], default="both")
+    train.add_argument("--minutes", type=float, default=55.0, help="DiT training budget")
+    for name, fn in (("fidelity", fidelity), ("speed", speed), ("flops", flops)):
+        p = sub.add_parser(name, help=(fn.__doc__ or name).strip())
+        p.add_argument("--quick", action="store_true", help="a few minutes on the CPU")
+        p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+        p.add_argument("--out", type=pathlib.Path, default=RESULTS, help="results folder (default: %(default)s)")
+        p.set_defaults(fn=fn)
+        if name == "fidelity":
+            p.add_argument("--samples", type=int)
+            p.add_argument("--steps", type=int)
+            p.add_argument("--guidance", type=float)
+        if name == "speed":
+            p.add_argument("--sizes", nargs="+", help="default: every size of --device")
+            p.add_argument("--steps", type=int)
+            p.add_argument("--methods", nargs="+", help="presets to time (default: all)")
+    args = parser.parse_args(argv)
+    warnings.simplefilter("ignore")
+    with torch.no_grad():
+        if args.command == "train":
+            if args.what in ("classifier", "both"):
+                train_classifier()
+            if args.what in ("dit", "both"):
+                with torch.enable_grad():
+                    train_dit(args.minutes)
+        else:
+            args.fn(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,100 @@
+"""Writing benchmark results under ``benchmarks/results/``: markdown tables (with the device and
+versions they were measured on), JSON, and PNG plots."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+import platform
+
+import torch
+
+__all__ = ["RESULTS", "environment", "markdown_table", "write", "plot_tradeoff", "sample_grid"]
+
+RESULTS = pathlib.Path(__file__).parent / "results"
+
+
+def environment(device: str = "cpu") -> dict:
+    import diffusers
+
+    env = {"device": device, "torch": torch.__version__, "diffusers": diffusers.__version__,
+           "python": platform.python_version(), "cpu": platform.processor() or platform.machine(),
+           "threads": torch.get_num_threads()}
+    if device == "cuda" and torch.cuda.is_available():
+        env["gpu"] = torch.cuda.get_device_name()
+    for peer in ("cache_dit",):
+        try:
+            env[peer] = __import__(peer).__version__
+        except Exception:  # noqa: BLE001 - not installed: not part of this run
+            pass
+    return env
+
+
+def markdown_table(rows: list, columns: dict) -> str:
+    """``columns``: header -> (attribute, format). Rows are dataclasses or dicts."""
+    get = lambda r, a: getattr(r, a) if dataclasses.is_dataclass(r) else r[a]      # noqa: E731
+    head = "| " + " | ".join(columns) + " |\n|" + "---|" * len(columns)
+    body = ["| " + " | ".join(fmt.format(get(r, a)) if get(r, a) is not None else "–"
+                              for a, fmt in columns.values()) + " |" for r in rows]
+    return "\n".join([head, *body])
+
+
+def write(out: pathlib.Path, name: str, title: str, text: str, data, env: dict) -> pathlib.Path:
+    out.mkdir(parents=True, exist_ok=True)
+    header = f"# {title}\n\nMeasured on: " + ", ".join(f"{k} {v}" for k, v in env.items()) + "\n\n"
+    path = out / f"{name}.md"
+    path.write_text(header + text.rstrip() + "\n")
+    (out / f"{name}.json").write_text(json.dumps(
+        {"environment": env, "rows": [dataclasses.asdict(r) if dataclasses.is_dataclass(r) else r for r in data]},
+        indent=1, default=float) + "\n")
+    return path
+
+
+def plot_tradeoff(rows: list, path: pathlib.Path, x: str = "speedup", y: str = "psnr",
+                  xlabel: str = "wall-clock speed-up vs plain torch.compile", ylabel: str = "PSNR vs uncached (dB)"):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    groups: dict[str, list] = {}
+    for r in rows:
+        if r.method != "uncached":
+            groups.setdefault(r.method, []).append(r)
+    for method, rs in groups.items():
+        ax.plot([getattr(r, x) for r in rs], [getattr(r, y) for r in rs], marker="o", label=method)
+        for r in rs:
+            if r.knob not in ("preset", "-"):
+                ax.annotate(r.knob.replace("N=", ""), (getattr(r, x), getattr(r, y)), fontsize=7,
+                            xytext=(3, 3), textcoords="offset points")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def sample_grid(drawn: dict, labels: torch.Tensor, path: pathlib.Path, per_row: int = 10, captions: dict = None):
+    """One row per method, the same seeds in every column (labels 0..9 for the first ten)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(drawn)
+    fig, axes = plt.subplots(len(names), per_row, figsize=(per_row * 0.8, len(names) * 0.85 + 0.3), squeeze=False)
+    for i, name in enumerate(names):
+        for j in range(per_row):
+            ax = axes[i][j]
+            ax.imshow(((drawn[name][j, 0] + 1) / 2).clamp(0, 1).numpy(), cmap="gray", vmin=0, vmax=1)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if i == 0:
+                ax.set_title(str(int(labels[j])), fontsize=8)
+        axes[i][0].set_ylabel((captions or {}).get(name, name), fontsize=6, rotation=0, ha="right", va="center")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,40 @@
+"""Smoke test of the benchmark CLI's ``--quick`` paths (nothing about speed is asserted), and the
+trained checkpoint's promise: its uncached samples are the digits they were asked for."""
+import json
+
+import torch
+
+from benchmarks.__main__ import main
+
+
+def test_trained_dit_draws_recognizable_digits():
+    from benchmarks.metrics import accuracy
+    from benchmarks.models import load_classifier, load_dit, meta
+    from benchmarks.sampling import sample, starts
+
+    model, classifier = load_dit(), load_classifier()
+    noise, labels = starts(60, seed=123)           # not the benchmark's seeds; its guidance (DiT's 1.5)
+    with torch.no_grad():
+        x = sample(lambda x, t, y: model(x, timestep=t, class_labels=y).sample, noise, labels, 25, guidance=1.5)
+    assert accuracy(classifier, x, labels) >= 0.9
+    assert meta("classifier")["test_accuracy"] >= 0.95 and meta("dit_digits")["steps"] > 0
+
+
+def test_quick_fidelity_writes_tables_plots_and_the_sample_grid(tmp_path):
+    main(["fidelity", "--quick", "--out", str(tmp_path)])
+    rows = {(r["method"], r["knob"]): r for r in json.loads((tmp_path / "fidelity_quick.json").read_text())["rows"]}
+    assert rows[("uncached", "-")]["psnr"] == 100.0 and rows[("uncached", "-")]["flop_ratio"] == 1.0
+    duca = [r for (m, _), r in rows.items() if m.startswith(("FORA", "ToCa", "DuCa", "TaylorSeer", "ClusCa"))]
+    assert len(duca) == 6 and all(0 < r["flop_ratio"] < 1 and r["psnr"] < 100 for r in duca)
+    assert "| DuCa v1 (kv-norm) | N=3 |" in (tmp_path / "fidelity_quick.md").read_text()
+    assert (tmp_path / "fidelity_quick.png").stat().st_size > 1000
+    assert (tmp_path / "samples_quick.png").stat().st_size > 1000
+
+
+def test_quick_speed_and_flops_write_their_tables(tmp_path):
+    main(["speed", "--quick", "--out", str(tmp_path)])
+    rows = json.loads((tmp_path / "speed_quick.json").read_text())["rows"]
+    assert [r["method"] for r in rows] == ["eager", "eager (quick)", "duca FULL only", "fora", "duca"]
+    assert rows[2]["flop_ratio"] == 1.0 and rows[3]["flop_ratio"] < 1 and rows[4]["cache_mb"] > 0
+    main(["flops", "--quick", "--out", str(tmp_path)])
+    assert "| dit-xl-2 | 50 |" in (tmp_path / "flops_quick.md").read_text()
