@@ -1,4 +1,4 @@
-"""``python -m benchmarks train|fidelity|speed|flops [--quick] [--device cuda]``
+"""``python -m benchmarks train|fidelity|speed|flops|plot [--quick] [--device cuda]``
 
 Results land in ``benchmarks/results/`` as markdown (with the device and versions), JSON and PNG;
 ``--quick`` runs a few-minute version of each on the CPU (its files get a ``_quick`` suffix).
@@ -20,11 +20,12 @@ FIDELITY_COLUMNS = {"method": ("method", "{}"), "knob": ("knob", "{}"), "PSNR (d
                     "FLOP ratio": ("flop_ratio", "{:.1%}"), "request s": ("seconds", "{:.1f}"),
                     "speed-up vs compile": ("speedup", "{:.2f}x"),
                     "compile s": ("compile_seconds", "{:.1f}"), "notes": ("notes", "{}")}
-SPEED_COLUMNS = {"size": ("size", "{}"), "method": ("method", "{}"), "request s": ("seconds", "{:.3f}"),
+SPEED_COLUMNS = {"size": ("size", "{}"), "method": ("method", "{}"), "steps": ("steps", "{}"),
+                 "request s": ("seconds", "{:.3f}"),
                  "vs torch.compile": ("vs_compile", "{:.2f}x"), "FLOP ratio": ("flop_ratio", "{:.1%}"),
                  "wall-clock / FLOP speed-up": ("realised", "{:.0%}"), "compile s": ("compile_seconds", "{:.1f}"),
                  "variants": ("variants", "{}"), "s / variant": ("compile_per_variant", "{:.1f}"),
-                 "cache MB": ("cache_mb", "{:.2f}")}
+                 "peak MB": ("peak_mb", "{:.0f}"), "cache MB": ("cache_mb", "{:.2f}")}
 
 
 def _progress():
@@ -89,18 +90,24 @@ def _random_vs_kv_norm(rows) -> str:
 
 
 def speed(args) -> None:
-    from .speed import METHODS, SIZES, peak_rss_mb, run
+    from .speed import METHODS, SIZES, peak_rss_mb, plot, run
 
-    sizes = args.sizes or [s for s, spec in SIZES.items() if spec[3] == args.device]
+    sizes = args.sizes or [s for s, spec in SIZES.items() if spec.device == args.device]
     if args.quick:
         sizes, steps, repeats, methods, inner = ["tiny"], 6, 1, ("fora", "duca"), "eager"
     else:
         steps, repeats, methods, inner = args.steps or 50, 3, tuple(args.methods or METHODS), "inductor"
     rows = run(sizes, steps, repeats, methods, inner, progress=_progress())
-    text = (f"One request: batch 2, DDIM {steps} steps, median of {repeats} after a warm-up request; "
-            f"inner compiler {inner}. Peak RSS of the whole run: {peak_rss_mb():.0f} MB.\n\n"
+    memory = "peak allocated CUDA memory" if args.device == "cuda" else "peak resident set of the whole process"
+    text = (f"One request per row: batch 2, DDIM steps as listed, no guidance; median of {repeats} after a "
+            f"warm-up request; inner compiler {inner}, each compiled row from an empty Inductor cache. "
+            f"Compile s: the warm-up request minus a timed one; s / variant: duca's own count per compiled "
+            f"variant. Peak MB: {memory} during the timed requests (the run's overall peak: "
+            f"{peak_rss_mb():.0f} MB); cache MB: duca's feature caches.\n\n"
             + markdown_table(rows, SPEED_COLUMNS) + "\n")
-    path = write(args.out, "speed" + _suffix(args.quick), "Speed per model size", text, rows, environment(args.device))
+    name = "speed" + _suffix(args.quick)
+    path = write(args.out, name, "Speed per model size", text, rows, environment(args.device))
+    plot(rows, args.out / f"{name}.png")
     print(path.read_text())
 
 
@@ -115,6 +122,21 @@ def flops(args) -> None:
     print(path.read_text())
 
 
+def replot(args) -> None:
+    """Redraw the plots from the JSON results (the sample grid needs a run: its samples are not kept)."""
+    import json
+
+    from .speed import Row, plot
+
+    for name in ("fidelity", "fidelity_quick"):
+        if (args.out / f"{name}.json").exists():
+            plot_tradeoff(json.loads((args.out / f"{name}.json").read_text())["rows"], args.out / f"{name}.png")
+    for name in ("speed", "speed_quick"):
+        if (args.out / f"{name}.json").exists():
+            rows = [Row(**r) for r in json.loads((args.out / f"{name}.json").read_text())["rows"]]
+            plot(rows, args.out / f"{name}.png")
+
+
 def main(argv=None) -> None:
     from .train import train_classifier, train_dit
 
@@ -123,6 +145,9 @@ def main(argv=None) -> None:
     train = sub.add_parser("train", help="train the DiT and/or the classifier on this CPU")
     train.add_argument("what", nargs="?", choices=["dit", "classifier", "both"], default="both")
     train.add_argument("--minutes", type=float, default=55.0, help="DiT training budget")
+    redraw = sub.add_parser("plot", help=replot.__doc__.split(" (")[0])
+    redraw.add_argument("--out", type=pathlib.Path, default=RESULTS)
+    redraw.set_defaults(fn=replot)
     for name, fn in (("fidelity", fidelity), ("speed", speed), ("flops", flops)):
         p = sub.add_parser(name, help=(fn.__doc__ or name).strip())
         p.add_argument("--quick", action="store_true", help="a few minutes on the CPU")

@@ -339,7 +339,8 @@ def peers(num_steps: int, *, cfg: bool = True, certain: bool = False, more: bool
     def dbcache(fn, bn, r, order=0, warmup=w, **more):
         cfg_ = dict(Fn_compute_blocks=fn, Bn_compute_blocks=bn, residual_diff_threshold=r, max_warmup_steps=warmup,
                     **more)
-        label = f"cache-dit DBCache F{fn}B{bn} (threshold {r}" + (f", TaylorSeer order {order})" if order else ")")
+        label = f"cache-dit DBCache F{fn}B{bn}" + (f" + TaylorSeer (threshold {r}, order {order})" if order
+                                                    else f" (threshold {r})")
         return CacheDiT(label, "cache-dit", {**cfg_, "taylorseer_order": order}, config=cfg_, taylorseer_order=order)
 
     def fbc(r):

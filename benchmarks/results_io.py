@@ -57,21 +57,25 @@ def plot_tradeoff(rows: list, path: pathlib.Path, x: str = "speedup", y: str = "
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(8, 5))
+    get = lambda r, a: getattr(r, a) if dataclasses.is_dataclass(r) else r[a]      # noqa: E731
     groups: dict[str, list] = {}
     for r in rows:
-        if r.method != "uncached":
-            groups.setdefault(r.method, []).append(r)
-    for method, rs in groups.items():
-        ax.plot([getattr(r, x) for r in rs], [getattr(r, y) for r in rs], marker="o", label=method)
-        for r in rs:
-            if r.knob not in ("preset", "-"):
-                ax.annotate(r.knob.replace("N=", ""), (getattr(r, x), getattr(r, y)), fontsize=7,
+        if get(r, "method") != "uncached":
+            groups.setdefault(get(r, "method"), []).append(r)
+    colors = plt.get_cmap("tab20").colors
+    for i, (method, rs) in enumerate(groups.items()):
+        peer = method.startswith(("cache-dit", "diffusers"))      # one setting each: a point, no knob
+        ax.plot([get(r, x) for r in rs], [get(r, y) for r in rs], marker="s" if peer else "o",
+                ls="none" if peer else "-", color=colors[i % len(colors)], label=method)
+        for r in rs if not peer else ():
+            if get(r, "knob") not in ("preset", "-"):
+                ax.annotate(get(r, "knob").split(" ")[0].replace("N=", ""), (get(r, x), get(r, y)), fontsize=7,
                             xytext=(3, 3), textcoords="offset points")
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="best")
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

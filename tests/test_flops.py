@@ -10,7 +10,7 @@ from duca_compile import ClusCaConfig, DuCaConfig, FORAConfig
 from duca_compile.flops import count_flops, full_key, variant_flops
 from duca_compile.full_size import flops_report, flops_table, meta_model, model_inputs
 from duca_compile.runtime import state_of
-from duca_compile.tiny import make_inputs
+from duca_compile.tiny import make_inputs, make_model
 
 from helpers import FAMILIES, compile_tiny, timesteps
 
@@ -115,6 +115,18 @@ def test_dit_xl_2_report_on_meta():
     # the trace is kept: a table row for the same model and batch only counts
     table = flops_table(["dit-xl-2"], {"fora": FORAConfig(interval=2)}, num_steps=4, batch=2)
     assert "| dit-xl-2 | 4 | 0.475 | 2.00x (50.1%) |" in table.splitlines()[2]
+
+
+def test_subset_steps_survive_a_non_cpu_device():
+    """The SUBSET probe runs on the graph's device: a meta (or CUDA) model keeps its token-wise sites
+    (an index made on the CPU once failed every probe there, and ToCa/DuCa silently became FORA)."""
+    config = DuCaConfig(interval=3, ratio=0.5)
+    model = make_model("pixart", layers=2)
+    on_cpu = flops_report(model, config, num_steps=7, batch=2)
+    on_meta = flops_report(copy.deepcopy(model).to("meta"), config, num_steps=7, batch=2)
+    assert on_cpu["steps"]["subset"] == 2 and on_meta["steps"] == on_cpu["steps"]
+    assert on_meta["tokens_per_site"] == on_cpu["tokens_per_site"]
+    assert on_meta["flops_run"] == on_cpu["flops_run"]
 
 
 def test_report_rejects_bad_arguments():

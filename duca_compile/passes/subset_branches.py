@@ -240,7 +240,9 @@ def probe_subsets(gm: fx.GraphModule, sitemap: SiteMap) -> None:
         with graph.inserting_before(anchor):
             idx = graph.placeholder(f"probe_{len(graph.nodes)}")
         with graph_fake_mode([_value(raw)]):
-            idx.meta["example_value"] = torch.empty(batch, max(tokens // 2, 1), dtype=torch.int64)
+            # on the graph's device: a CPU index against CUDA (or meta) values fails every probe
+            idx.meta["example_value"] = torch.empty(batch, max(tokens // 2, 1), dtype=torch.int64,
+                                                    device=_value(raw).device)
         try:
             with graph.inserting_before(raw.next):
                 copy_on_tokens(graph, raw, source, idx)
