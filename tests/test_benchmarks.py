@@ -38,5 +38,8 @@ def test_quick_speed_and_flops_write_their_tables(tmp_path):
     assert rows[2]["flop_ratio"] == 1.0 and rows[3]["flop_ratio"] < 1 and rows[4]["cache_mb"] > 0
     assert all(r["steps"] == 6 and r["peak_mb"] > 0 for r in rows)
     assert (tmp_path / "speed_quick.png").stat().st_size > 1000
+    (tmp_path / "speed_quick.png").unlink()
+    main(["plot", "--out", str(tmp_path)])                  # redrawn from the JSON alone
+    assert (tmp_path / "speed_quick.png").stat().st_size > 1000
     main(["flops", "--quick", "--out", str(tmp_path)])
     assert "| dit-xl-2 | 50 |" in (tmp_path / "flops_quick.md").read_text()
