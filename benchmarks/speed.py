@@ -5,7 +5,8 @@ Per row: request wall-clock (median of ``repeats`` after a warm-up request), its
 ``torch.compile``, the FLOP ratio and how much of its speed-up the wall-clock realises, compile time
 (the warm-up request minus a timed one; per variant for duca, from a cold Inductor cache per row),
 variants, peak memory during the timed requests and cache memory. The CPU sizes run here; the GPU
-sizes (full DiT-XL/2) need ``--device cuda`` and a GPU.
+sizes (full DiT-XL/2; PixArt-α and FLUX.1-dev at 1024², random weights in bf16, their presets) need
+``--device cuda`` and a GPU.
 """
 from __future__ import annotations
 
@@ -27,12 +28,14 @@ METHODS = ("fora", "toca", "duca", "duca-v1", "taylorseer", "clusca")
 
 @dataclass(frozen=True)
 class Size:
-    overrides: dict            # on benchmarks.models.DIT_CONFIG
+    overrides: dict            # on benchmarks.models.DIT_CONFIG, or on the registry model's config
     trained: bool = False
     batch: int = 2
     device: str = "cpu"
     steps: int | None = None   # None: the command's --steps (50)
-    methods: tuple | None = None  # None: every preset (a big model on 2 CPU cores: a few)
+    methods: tuple | None = None  # None: every preset of the model (a big model on 2 CPU cores: a few)
+    registry: str = "dit-xl-2"  # the presets' model; with ``full`` a duca_compile.full_size model
+    full: bool = False         # built from duca_compile.full_size.MODELS (random weights) instead
 
 
 SIZES = {
@@ -40,8 +43,10 @@ SIZES = {
     "digits (trained)": Size({}, trained=True),
     "DiT-B-like": Size(dict(num_layers=12, num_attention_heads=12, attention_head_dim=64), steps=20,
                        methods=("fora", "duca", "taylorseer")),
-    "DiT-XL/2": Size(dict(num_layers=28, num_attention_heads=16, attention_head_dim=72, in_channels=4,
-                          out_channels=8, num_embeds_ada_norm=1000), device="cuda"),
+    "DiT-XL/2": Size({}, device="cuda", full=True),
+    # one image with classifier-free guidance (batch 2), the pipelines' default step counts
+    "PixArt-α 1024²": Size({}, device="cuda", steps=20, registry="pixart-alpha", full=True),
+    "FLUX.1-dev 1024²": Size({}, batch=1, device="cuda", steps=28, registry="flux-dev", full=True),
 }
 
 
@@ -62,24 +67,53 @@ class Row:
 
 
 def _model(size: str, device: str):
+    from duca_compile.tiny import randomize_zero_params
+
     from .models import load_dit, make_dit
 
     spec = SIZES[size]
     torch.manual_seed(0)
-    model = load_dit() if spec.trained else make_dit(**spec.overrides)
-    if not spec.trained:
-        from duca_compile.tiny import randomize_zero_params
+    if spec.trained:
+        return load_dit().eval().to(device)
+    if spec.full:
+        from duca_compile.full_size import MODELS
 
-        randomize_zero_params(model)
+        with torch.device(device):
+            model = MODELS[spec.registry].build(**spec.overrides)
+        if device == "cuda":
+            model = model.to(torch.bfloat16)
+    else:
+        model = make_dit(**spec.overrides)
+    randomize_zero_params(model)                 # zero-initialised gates would make every block a no-op
     return model.eval().to(device)
 
 
 def _request(fn, model, batch: int, steps: int, device: str):
+    """One sampling request: DDIM with class labels for DiT; for the other families an Euler loop
+    over the family's inputs (``full_size.model_inputs``): the transformer calls are what is timed."""
+    c = model.config
+    if type(model).__name__ != "DiTTransformer2DModel":
+        from duca_compile.full_size import model_inputs
+
+        kw, dtype = model_inputs(model, batch), next(model.parameters()).dtype
+        for k in ("hidden_states", "encoder_hidden_states", "pooled_projections"):     # bf16 on CUDA
+            if k in kw:
+                kw[k] = kw[k].to(dtype)
+        x = torch.randn(kw["hidden_states"].shape, generator=torch.Generator().manual_seed(0)).to(kw["hidden_states"])
+        flux = "img_ids" in kw
+        for i in range(steps):
+            t = 1.0 - i / steps
+            kw.update(hidden_states=x, timestep=torch.full_like(kw["timestep"], t if flux else 1000 * t))
+            out = fn(**kw)[0]
+            x = x - out[:, :x.shape[1]] / steps
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return
     from .sampling import sample
 
-    c = model.config
     g = torch.Generator().manual_seed(0)
-    noise = torch.randn(batch, c.in_channels, c.sample_size, c.sample_size, generator=g).to(device)
+    noise = torch.randn(batch, c.in_channels, c.sample_size, c.sample_size, generator=g).to(
+        device, next(model.parameters()).dtype)
     labels = (torch.arange(batch) % min(10, c.num_embeds_ada_norm)).to(device)
     # a learned-sigma model (DiT-XL/2: 8 output channels) predicts epsilon in its first channels
     denoise = lambda x, t, y: fn(x, timestep=t, class_labels=y).sample[:, :c.in_channels]      # noqa: E731
@@ -149,7 +183,9 @@ def run(sizes, steps: int, repeats: int, methods=METHODS, inner: str = "inductor
             rows.append(Row(size, "torch.compile" if inner == "inductor" else "eager (quick)", n, base, 1.0, None,
                             None, max(warm - base, 0.0), None, None, peak, None))
             configs = [("duca FULL only", ScriptedConfig(modes=("full",)))]
-            configs += [(m, presets("dit-xl-2", m)) for m in methods if spec.methods is None or m in spec.methods]
+            available = presets()[spec.registry]
+            configs += [(m, presets(spec.registry, m)) for m in methods
+                        if m in available and (spec.methods is None or m in spec.methods)]
             for name, config in progress(configs, desc=size):
                 with _cold(inner):
                     rows.append(_duca_row(size, name, config, model, spec.batch, n, device, repeats, inner, base))

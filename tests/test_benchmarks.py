@@ -43,3 +43,21 @@ def test_quick_speed_and_flops_write_their_tables(tmp_path):
     assert (tmp_path / "speed_quick.png").stat().st_size > 1000
     main(["flops", "--quick", "--out", str(tmp_path)])
     assert "| dit-xl-2 | 50 |" in (tmp_path / "flops_quick.md").read_text()
+
+
+def test_speed_runs_the_gpu_sizes_families(monkeypatch):
+    """The GPU rows (PixArt-α, FLUX.1-dev: full_size configs, their presets, an Euler loop over the
+    family's inputs) run here at toy widths, eagerly: the code path a GPU session will time."""
+    from benchmarks import speed
+
+    toy = {"pixart": speed.Size(dict(num_layers=1, num_attention_heads=3, attention_head_dim=16, cross_attention_dim=48,
+                                     sample_size=8, caption_channels=32), steps=4, registry="pixart-alpha", full=True),
+           "flux": speed.Size(dict(num_layers=1, num_single_layers=1, num_attention_heads=2, attention_head_dim=16,
+                                   joint_attention_dim=32, pooled_projection_dim=16, in_channels=16,
+                                   axes_dims_rope=(4, 6, 6)), batch=1, steps=4, registry="flux-dev", full=True)}
+    monkeypatch.setattr(speed, "SIZES", {**speed.SIZES, **toy})
+    rows = speed.run(list(toy), 4, 1, ("fora", "duca", "taylorseer"), "eager")
+    methods = {size: [r.method for r in rows if r.size == size][2:] for size in toy}
+    assert methods == {"pixart": ["duca FULL only", "fora", "duca"], "flux": ["duca FULL only", "fora", "taylorseer"]}
+    assert all(r.flop_ratio < 1 for r in rows if r.method in ("fora", "duca", "taylorseer"))
+    assert {r.size: r.cache_mb > 0 for r in rows if r.method == "fora"} == {"pixart": True, "flux": True}

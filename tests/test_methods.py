@@ -161,3 +161,14 @@ def test_explain_shows_the_plan_of_every_step_and_per_site_variants():
     assert "variant SUBSET(k=8; 3 computed)" in text and "variant PARTIAL(3 computed)" in text
     plan = duca_compile.explain(fast, as_text=False, num_steps=6)[0]["plan"]
     assert plan[1]["computed"]["transformer_blocks.1.ff"] == 8
+
+
+def test_subset_of_every_token_when_tokens_equal_head_dim():
+    """k = all tokens (a ratio schedule clamped at 1, ClusCa with a cluster per token) on a model
+    whose token count equals head_dim: reshapes keep their sizes instead of guessing the token axis."""
+    config = ToCaConfig(interval=2, ratio=1.0)
+    model, fast = compile_tiny("pixart", config, sample_size=8, attention_head_dim=16)     # 16 tokens
+    assert run_against_oracle("pixart", model, fast, timesteps(4)) == ["full", "subset", "full", "subset"]
+    tokens = duca_compile.stats(fast)["tokens_per_site"]
+    assert {n: t for n, t in tokens.items() if not n.endswith("attn1")} == {
+        n: 4 * 16 for n in tokens if not n.endswith("attn1")}              # every token, every step

@@ -157,8 +157,8 @@ class _TokenCopy:
     def retarget_sizes(self, orig: fx.Node, copy: fx.Node) -> None:
         """A view / reshape / expand whose constant sizes name the token count gets k instead."""
         found = _sizes(orig)
-        if found is None or orig.args[0] not in self.env:
-            return
+        if found is None or orig.args[0] not in self.env or self.k == self.n:
+            return                  # k = every token: the sizes stay right (and other axes of that size are no guess)
         sizes, packed = found
         axes = self.token_axes(orig.args[0])
         if not axes:
