@@ -22,7 +22,7 @@ import duca_compile
 from duca_compile import FORAConfig, presets
 
 from .metrics import accuracy, features, frechet_distance, psnr, ssim
-from .sampling import sample, starts
+from .sampling import request_starter, sample, starts
 
 __all__ = ["Setup", "QUICK", "STANDARD", "duca_methods", "run"]
 
@@ -87,19 +87,8 @@ def _compile(model, backend, setup: Setup, fullgraph=True):
 
 def _duca(model, config, setup: Setup, noise, labels):
     fast = _compile(model, duca_compile.duca_backend(config, inner=setup.inner), setup)
-    contexts = []
-
-    def before():           # each request is one sampling() request
-        while contexts:
-            contexts.pop().__exit__(None, None, None)
-        contexts.append(duca_compile.sampling(fast, num_steps=setup.steps))
-        contexts[-1].__enter__()
-
-    try:
+    with request_starter(fast, setup.steps) as before:          # each request is one sampling() request
         out, warm, med = _requests(_denoiser(fast), setup, noise, labels, before)
-    finally:
-        while contexts:
-            contexts.pop().__exit__(None, None, None)
     s = duca_compile.stats(fast)
     if s["cache_hits"] == 0:
         raise RuntimeError(f"duca: no cache hit with {config!r}: the method never engaged")

@@ -81,24 +81,8 @@ def plot_tradeoff(rows: list, path: pathlib.Path, x: str = "speedup", y: str = "
     plt.close(fig)
 
 
-def sample_grid(drawn: dict, labels: torch.Tensor, path: pathlib.Path, per_row: int = 10, captions: dict = None):
+def sample_grid(drawn: dict, labels: torch.Tensor, path: pathlib.Path, per_row: int = 10):
     """One row per method, the same seeds in every column (labels 0..9 for the first ten)."""
-    import matplotlib
+    from duca_compile.demo import write_image_rows
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = list(drawn)
-    fig, axes = plt.subplots(len(names), per_row, figsize=(per_row * 0.8, len(names) * 0.85 + 0.3), squeeze=False)
-    for i, name in enumerate(names):
-        for j in range(per_row):
-            ax = axes[i][j]
-            ax.imshow(((drawn[name][j, 0] + 1) / 2).clamp(0, 1).numpy(), cmap="gray", vmin=0, vmax=1)
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if i == 0:
-                ax.set_title(str(int(labels[j])), fontsize=8)
-        axes[i][0].set_ylabel((captions or {}).get(name, name), fontsize=6, rotation=0, ha="right", va="center")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    write_image_rows(path, drawn, column_titles=[int(y) for y in labels[:per_row]], columns=per_row)

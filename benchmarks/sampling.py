@@ -2,12 +2,16 @@
 fixed noise and labels, so every method denoises exactly the same starting points."""
 from __future__ import annotations
 
+import contextlib
+
 import torch
+
+import duca_compile
 
 from .data import SIDE
 from .models import NULL_CLASS
 
-__all__ = ["scheduler", "starts", "sample"]
+__all__ = ["scheduler", "starts", "sample", "request_starter"]
 
 
 def scheduler(num_steps: int):
@@ -43,3 +47,14 @@ def sample(denoise, noise: torch.Tensor, labels: torch.Tensor, num_steps: int, g
             eps = uncond + guidance * (cond - uncond)
         x = sched.step(eps, t, x).prev_sample
     return x.clamp(-1, 1)
+
+
+@contextlib.contextmanager
+def request_starter(fast, num_steps: int):
+    """Yields ``before()``: called ahead of each request, it ends the previous duca ``sampling()``
+    request and opens the next; the last one ends on exit."""
+    with contextlib.ExitStack() as stack:
+        def before():
+            stack.close()
+            stack.enter_context(duca_compile.sampling(fast, num_steps=num_steps))
+        yield before

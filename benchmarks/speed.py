@@ -21,6 +21,8 @@ import torch
 import duca_compile
 from duca_compile import ScriptedConfig, presets
 
+from .sampling import request_starter, sample
+
 __all__ = ["SIZES", "METHODS", "Size", "Row", "run"]
 
 METHODS = ("fora", "toca", "duca", "duca-v1", "taylorseer", "clusca")
@@ -109,8 +111,6 @@ def _request(fn, model, batch: int, steps: int, device: str):
         if device == "cuda":
             torch.cuda.synchronize()
         return
-    from .sampling import sample
-
     g = torch.Generator().manual_seed(0)
     noise = torch.randn(batch, c.in_channels, c.sample_size, c.sample_size, generator=g).to(
         device, next(model.parameters()).dtype)
@@ -196,19 +196,8 @@ def _duca_row(size, name, config, model, batch, steps, device, repeats, inner, b
     torch._dynamo.reset()
     fast = torch.compile(model, backend=duca_compile.duca_backend(config, inner=inner), fullgraph=True,
                          dynamic=False)
-    contexts = []
-
-    def before():
-        while contexts:
-            contexts.pop().__exit__(None, None, None)
-        contexts.append(duca_compile.sampling(fast, num_steps=steps))
-        contexts[-1].__enter__()
-
-    try:
+    with request_starter(fast, steps) as before:
         warm, med, peak = _timed(fast, model, batch, steps, device, repeats, before)
-    finally:
-        while contexts:
-            contexts.pop().__exit__(None, None, None)
     s = duca_compile.stats(fast)
     if name != "duca FULL only" and s["cache_hits"] == 0:
         raise RuntimeError(f"duca {name}: no cache hit: the method never engaged")

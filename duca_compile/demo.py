@@ -77,22 +77,27 @@ def _psnr(a, b) -> float:
     return float(10 * torch.log10(1 / mse))
 
 
-def _write_png(path, ref, out, title):
+def write_image_rows(path, rows: dict, title: str = "", column_titles=None, columns: int | None = None):
+    """A PNG with one row of grayscale images in [-1, 1] per ``rows`` entry (name -> [n, C, H, W]),
+    the same sample index in each column."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    n = ref.shape[0]
-    fig, axes = plt.subplots(2, n, figsize=(n * 0.9, 2.3), squeeze=False)
-    for row, (images, name) in enumerate(((ref, "uncached"), (out, "cached"))):
+    n = columns or min(len(images) for images in rows.values())
+    fig, axes = plt.subplots(len(rows), n, figsize=(n * 0.9, len(rows) * 0.85 + 0.6), squeeze=False)
+    for i, (name, images) in enumerate(rows.items()):
         for j in range(n):
-            ax = axes[row][j]
+            ax = axes[i][j]
             ax.imshow(((images[j, 0] + 1) / 2).clamp(0, 1).numpy(), cmap="gray", vmin=0, vmax=1)
             ax.set_xticks([])
             ax.set_yticks([])
-        axes[row][0].set_ylabel(name, fontsize=8)
-    fig.suptitle(title, fontsize=8)
+            if i == 0 and column_titles is not None:
+                ax.set_title(str(column_titles[j]), fontsize=8)
+        axes[i][0].set_ylabel(name, fontsize=6, rotation=0, ha="right", va="center")
+    if title:
+        fig.suptitle(title, fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -140,7 +145,7 @@ def main(argv=None):
     print(f"cached vs uncached samples: PSNR {_psnr(out, ref):.1f} dB, max |diff| {(out - ref).abs().max():.4f} "
           f"(plain vs eager: {(ref - eager).abs().max().item():.2e})")
     if args.out:
-        _write_png(args.out, ref, out, f"{what}, DDIM {args.steps}: {args.method} {speedup:.2f}x vs plain "
+        write_image_rows(args.out, {"uncached": ref, "cached": out}, f"{what}, DDIM {args.steps}: {args.method} {speedup:.2f}x vs plain "
                    f"{args.inner}, FLOPs {stats['flop_ratio']:.0%}, PSNR {_psnr(out, ref):.1f} dB")
         print(f"wrote {args.out}")
 
