@@ -1,91 +1,124 @@
 """The ``duca`` torch.compile backend: find sites -> build variants -> compile each -> runner.
 
-    compiled = torch.compile(model, backend=duca_backend)                       # DuCa defaults
-    compiled = torch.compile(model, backend=duca_backend(FORAConfig(interval=3)))
-    compiled = torch.compile(model, backend="duca", options={"config": DuCaConfig()})
+    compiled = torch.compile(model, backend=duca_backend, dynamic=False)                  # DuCa defaults
+    compiled = torch.compile(model, backend=duca_backend(FORAConfig(interval=3)), dynamic=False)
+    compiled = torch.compile(model, backend="duca", options={"config": DuCaConfig()}, dynamic=False)
+
+What the backend returns serves every model instance Dynamo routes through the graph: each call
+looks its caching state up from the weights it carries (``owners``), never from the graph.
 """
 from __future__ import annotations
 
+import inspect
 import logging
 import re
 import warnings
+from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
-from torch._dynamo.backends.registry import register_backend
 
+from . import owners
 from .passes import CacheLayout, build_variant, find_sites, probe_subsets
 from .passes.graph_paths import graph_fake_mode, source_name as _source_name
-from .policies import CacheConfig, DuCaConfig
+from .policies import CacheConfig, DuCaConfig, make_policy
 from .runner import GraphRunner
-from .runtime import TimestepClock, attach_state
+from .runtime import StateLookup, TimestepClock, UncachedCall
 
-__all__ = ["duca_backend", "DuCaBackend", "INNER_COMPILERS"]
+__all__ = ["duca_backend", "DuCaBackend", "Settings", "settings_of", "INNER_COMPILERS", "TIMESTEP_NAMES"]
 
 log = logging.getLogger(__name__)
 
-# Graph inputs whose value marks the denoising step (matched against Dynamo's source names).
-TIMESTEP_INPUT_NAMES = re.compile(r"\b(timestep|timesteps|t|sigma|sigmas)\b|\['(timestep|t)'\]")
+# Forward arguments whose value marks the denoising step.
+TIMESTEP_NAMES = ("timestep", "timesteps", "t", "sigma", "sigmas")
 INNER_COMPILERS = ("inductor", "eager", "aot_eager")
+_OWN_OPTIONS = ("config", "inner")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What a model's caching state is keyed by, with the model instance: a configured backend
+    object is its own setting (two ``duca_backend(cfg)`` objects give two states, as Dynamo gives
+    them two graphs); the bare ``duca_backend`` and ``backend="duca"`` are keyed by their values."""
+
+    config: CacheConfig
+    inner: str = "inductor"
+    mode: str | None = None
+    options: tuple = ()          # Inductor options as sorted (key, repr(value)) pairs
+    backend: object = None       # the DuCaBackend object; None for the bare function / the name
 
 
 class DuCaBackend:
     """A configured backend. ``inner`` compiles each variant: "inductor" (default), or "eager" /
-    "aot_eager" for fast tests and FLOP counting. ``mode`` and ``options`` reach Inductor."""
+    "aot_eager" for fast tests and FLOP counting. ``mode`` and ``options`` reach Inductor.
+    ``on_state`` is called with every caching state this backend creates (one per model instance)."""
 
     def __init__(self, config: CacheConfig | None = None, inner: str = "inductor", mode: str | None = None,
-                 options: dict | None = None):
+                 options: dict | None = None, on_state=None):
         if config is not None and not isinstance(config, CacheConfig):
             raise ValueError(f"config must be a CacheConfig such as DuCaConfig(...), got {type(config).__name__}")
-        if inner not in INNER_COMPILERS:
-            raise ValueError(f"inner must be one of {INNER_COMPILERS}, got {inner!r}")
         self.config = config if config is not None else DuCaConfig()
         self.inner, self.mode, self.options = inner, mode, dict(options or {})
+        self.on_state = on_state
+        self.settings()                        # validates inner, mode and options now
 
     def __repr__(self):
         return f"duca_backend({self.config!r}, inner={self.inner!r})"
 
+    def settings(self, mode: str | None = None, options: dict | None = None) -> tuple[Settings, dict]:
+        """These settings with a ``torch.compile`` call's ``mode`` / ``options`` applied, and the
+        Inductor options. Raises ValueError for a bad config, inner compiler, mode or option."""
+        if options is not None and not isinstance(options, dict):
+            raise ValueError(f"options must be a dict, got {type(options).__name__}")
+        options = {**self.options, **(options or {})}
+        config, inner = options.pop("config", self.config), options.pop("inner", self.inner)
+        mode = mode or self.mode
+        if not isinstance(config, CacheConfig):
+            raise ValueError(f"options['config'] must be a CacheConfig such as DuCaConfig(...), "
+                             f"got {type(config).__name__}")
+        if not isinstance(inner, str) or inner not in INNER_COMPILERS:
+            raise ValueError(f"inner must be one of {INNER_COMPILERS}, got {inner!r}")
+        _check_inductor_settings(inner, mode, options)
+        key = tuple(sorted((k, repr(v)) for k, v in options.items()))
+        backend = None if self is globals().get("_DEFAULT") else self
+        return Settings(config, inner, mode if mode != "default" else None, key, backend), options
+
     # torch.compile(..., mode=, options=) hands these over as keyword arguments.
     def __call__(self, gm: fx.GraphModule, example_inputs, mode: str | None = None, options: dict | None = None):
-        options = {**self.options, **(options or {})}
-        config = options.pop("config", self.config)
-        inner = options.pop("inner", self.inner)
-        if not isinstance(config, CacheConfig):
-            raise ValueError(f"options['config'] must be a CacheConfig, got {type(config).__name__}")
-        compile_variant = _inner_compiler(inner, mode or self.mode, options)
-
-        why = _unsupported(gm, example_inputs)
-        sitemap = find_sites(gm) if not why else None
-        if sitemap is not None and not sitemap:
-            why = sitemap.why_empty
-        elif sitemap is not None:
-            probe_subsets(gm, sitemap)
-        params = [x for x in example_inputs if isinstance(x, torch.nn.Parameter)]
-        owner = _owner(params)
-        if not why and owner is None:
-            why = "the graph has no parameters, so it cannot be tied to a model"
+        settings, inductor_options = self.settings(mode, options)
+        compile_variant = _inner_compiler(settings.inner, settings.mode, inductor_options)
+        params = [i for i, x in enumerate(example_inputs) if isinstance(x, torch.nn.Parameter)]
+        if not params:
+            _warn_plain("the graph has no parameters, so it cannot be tied to a model", settings.inner)
+            return compile_variant(gm, example_inputs)
+        anchor = example_inputs[params[0]]
+        module = _compiling_module(anchor)
+        if module is not None and owners.lookup(anchor) is None:
+            owners.tie(anchor, module)
+        resolve = StateLookup(settings, params[0], self.on_state)
         placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
         user = [i for i, (n, x) in enumerate(zip(placeholders, example_inputs))
                 if not isinstance(x, torch.nn.Parameter) and "_buffers" not in _source_name(n)]
-        ts = [i for i in user if TIMESTEP_INPUT_NAMES.search(_source_name(placeholders[i]))]
-        if why:
-            hint = (" (a model split by graph breaks caches the pieces that hold its blocks: "
-                    "duca_compile.explain(model) lists them)") if sitemap is not None else ""
-            warnings.warn(f"duca: no caching for this graph ({why}); compiling it plainly with {inner}{hint}",
-                          stacklevel=2)
-            compiled = compile_variant(gm, example_inputs)
-            if owner is None:
-                return compiled
-            state = attach_state(owner, config)
-            if why not in state.uncached:
-                state.uncached.append(why)
-            # the piece before a graph break: it tells the block pieces after it which step this is
-            return TimestepClock(state, compiled, ts[0]) if ts and sitemap is not None else compiled
+        ts = _timestep_index(placeholders, user, module)
 
-        state = attach_state(owner, config)
-        policy = state.policy
+        why = _unsupported(example_inputs)
+        if why:                                # the model's cached graphs cannot serve this call
+            _warn_plain(why, settings.inner)
+            return UncachedCall(resolve, compile_variant(gm, example_inputs), why, counts_step=True,
+                                timestep_index=ts)
+        sitemap = find_sites(gm)
+        if not sitemap:
+            _warn_plain(sitemap.why_empty, settings.inner,
+                        " (a model split by graph breaks caches the pieces that hold its blocks: "
+                        "duca_compile.explain(model) lists them)")
+            compiled = compile_variant(gm, example_inputs)
+            # before a graph break, the piece with the timestep tells the block pieces which step it is
+            return TimestepClock(resolve, compiled, ts, sitemap.why_empty) if ts is not None else \
+                UncachedCall(resolve, compiled, sitemap.why_empty)
+        probe_subsets(gm, sitemap)
+        policy = make_policy(settings.config)
         layout = CacheLayout.from_graph(gm, sitemap, orders=policy.taylor_orders, propagation=policy.propagation,
-                                        value_norms=getattr(config, "selection", "") == "kv-norm")
+                                        value_norms=getattr(settings.config, "selection", "") == "kv-norm")
         fake_mode = graph_fake_mode(n.meta.get("example_value") for n in gm.graph.nodes) \
             or torch._guards.detect_fake_mode(example_inputs)
 
@@ -95,40 +128,139 @@ class DuCaBackend:
             extra += [torch.zeros(s.shape, dtype=s.dtype, device=s.device) for s in layout.inputs(actions)]
             return compile_variant(variant, [*example_inputs, *extra]), variant
 
-        runner = GraphRunner(state, sitemap, layout, build, piece_key=id(params[0]),
-                             timestep_index=ts[0] if ts else None, user_indices=user)
         log.info("duca: %d sites in %d blocks; stack outputs %s", len(sitemap.sites), len(sitemap.blocks),
                  sitemap.stack_outputs)
-        return runner
+        return GraphRunner(resolve, settings, sitemap, layout, build, timestep_index=ts, user_indices=user)
 
 
 def duca_backend(*args, **kwargs):
     """The backend itself (``backend=duca_backend``) or, given a config, a configured backend:
     ``duca_backend(FORAConfig(interval=3), inner="eager")``."""
     if args and isinstance(args[0], fx.GraphModule):
-        return DuCaBackend()(*args, **kwargs)
+        return _DEFAULT(*args, **kwargs)
     return DuCaBackend(*args, **kwargs)
 
 
-register_backend(duca_backend, name="duca")
+def _register_name() -> None:
+    """``backend="duca"``: torch finds the name through the package's entry point, which imports this
+    module and then registers it itself; register here only when torch knows no such name yet
+    (the package run from a source tree without ``pip install``)."""
+    from torch._dynamo.backends import registry
+
+    known = getattr(registry, "_BACKENDS", {})
+    if "duca" not in known and "duca" not in getattr(registry, "_COMPILER_FNS", {}):
+        try:
+            from importlib.metadata import entry_points
+
+            if any(ep.name == "duca" for ep in entry_points(group="torch_dynamo_backends")):
+                return                         # torch will load it through the entry point
+        except Exception:  # noqa: BLE001 - metadata unreadable: register by hand below
+            pass
+        registry.register_backend(duca_backend, name="duca")
 
 
-def _owner(params: list):
-    """What a graph's caching state belongs to: the module Dynamo is compiling (so the pieces of a
-    model split by graph breaks share one state), else the graph's first parameter."""
+
+def settings_of(model) -> Settings | None:
+    """The duca settings of a compiled wrapper: what ``torch.compile(m, ...)`` returned, or a module
+    compiled in place by ``m.compile(...)``. None when ``model`` is not one, or not with duca."""
+    from torch._dynamo.eval_frame import OptimizedModule, innermost_backend
+
+    if isinstance(model, OptimizedModule):
+        callback = getattr(getattr(model, "dynamo_ctx", None), "callback", None)
+    else:
+        callback = _closure_value(getattr(model, "_compiled_call_impl", None), "callback")
+    if callback is None:
+        return None
+    backend = innermost_backend(callback)
+    fn, kwargs = getattr(backend, "compiler_fn", backend), dict(getattr(backend, "kwargs", {}) or {})
+    fn = getattr(fn, "duca", fn)                   # integrations.diffusers wraps one
+    fn = _DEFAULT if fn is duca_backend else fn
+    if not isinstance(fn, DuCaBackend):
+        return None
+    try:
+        return fn.settings(**kwargs)[0]
+    except (TypeError, ValueError):
+        return None
+
+
+def _closure_value(fn, name: str):
+    code = getattr(fn, "__code__", None)
+    if code is None or name not in code.co_freevars or fn.__closure__ is None:
+        return None
+    return fn.__closure__[code.co_freevars.index(name)].cell_contents
+
+
+def _check_inductor_settings(inner: str, mode, options: dict) -> None:
+    if inner != "inductor":
+        if options or mode not in (None, "default"):
+            raise ValueError(f"mode and options are Inductor's, but inner={inner!r} compiles nothing with "
+                             f"Inductor (got mode={mode!r}, options={sorted(options)}); "
+                             f"duca's own options are {_OWN_OPTIONS}")
+        return
+    if mode is None and not options:
+        return
+    from torch._inductor import list_mode_options, list_options
+
+    if mode is not None:
+        try:
+            list_mode_options(mode)
+        except RuntimeError as e:
+            raise ValueError(f"mode: {e}") from None
+    unknown = sorted(set(options) - set(list_options()))
+    if unknown:
+        raise ValueError(f"options {unknown} are neither duca's {_OWN_OPTIONS} nor Inductor config keys "
+                         "(torch._inductor.list_options())")
+
+
+def _warn_plain(why: str, inner: str, hint: str = "") -> None:
+    warnings.warn(f"duca: no caching for this graph ({why}); compiling it plainly with {inner}{hint}",
+                  stacklevel=3)
+
+
+def _compiling_module(anchor) -> torch.nn.Module | None:
+    """The module whose forward Dynamo is compiling, when it holds ``anchor`` (pieces of one model
+    split by graph breaks then share one owner)."""
     try:
         from torch._dynamo.symbolic_convert import InstructionTranslator
 
         tx = InstructionTranslator.current_tx()
         module = tx.f_locals.get("self") if tx is not None else None
-    except Exception:  # noqa: BLE001 - outside Dynamo (or another version): fall back to the parameter
-        module = None
-    if isinstance(module, torch.nn.Module) and (not params or any(p is params[0] for p in module.parameters())):
+    except Exception:  # noqa: BLE001 - outside Dynamo (or another version): the run-time lookup decides
+        return None
+    if isinstance(module, torch.nn.Module) and any(p is anchor for p in module.parameters()):
         return module
-    return params[0] if params else None
+    return None
 
 
-def _unsupported(gm: fx.GraphModule, example_inputs) -> str:
+_SOURCE = re.compile(r"L\['(\w+)'\](?:\[(\d+)\]|\['(\w+)'\])?")
+
+
+def _timestep_index(placeholders, user: list[int], module) -> int | None:
+    """The graph input that is the forward's timestep argument, by name: ``L['timestep']``,
+    ``L['kwargs']['timestep']``, or ``L['args'][3]`` mapped through the forward's signature (a
+    decorated forward, like diffusers' Flux and SD3, hides positional names behind ``*args``)."""
+    positional = []
+    if module is not None:
+        try:
+            positional = [p.name for p in inspect.signature(module.forward).parameters.values()
+                          if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        except (TypeError, ValueError):
+            pass
+    for i in user:
+        m = _SOURCE.fullmatch(_source_name(placeholders[i]))
+        if m is None:
+            continue
+        name, index, key = m.groups()
+        if index is not None:
+            name = positional[int(index)] if name == "args" and int(index) < len(positional) else None
+        elif key is not None:
+            name = key if name == "kwargs" else None
+        if name in TIMESTEP_NAMES:
+            return i
+    return None
+
+
+def _unsupported(example_inputs) -> str:
     for x in example_inputs:
         if isinstance(x, torch.SymInt) or (isinstance(x, torch.Tensor) and
                                            any(isinstance(s, torch.SymInt) for s in x.shape)):
@@ -153,3 +285,7 @@ def _inner_compiler(inner: str, mode: str | None, options: dict):
     def compile_inductor(gm, example_inputs):
         return compile_fx(gm, example_inputs, config_patches=patches)
     return compile_inductor
+
+
+_DEFAULT = DuCaBackend()      # what the bare ``backend=duca_backend`` compiles with
+_register_name()

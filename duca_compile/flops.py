@@ -121,7 +121,7 @@ def clustering_flops(runner) -> int:
     methods): per token count N, ``(5·iters + 3)·B·N·K·C`` — each Lloyd step is an L1 ``cdist``
     (subtract, abs, add: 3 per element pair and channel) plus the one-hot centroid matmul (2),
     and a last ``cdist`` assigns the tokens. Representative picking is O(B·N·K), ignored."""
-    config = runner.state.config
+    config = runner.config
     if runner.layout.propagation is None or not isinstance(config, ClusCaConfig):
         return 0
     from .passes import order_key
@@ -139,9 +139,8 @@ def clustering_flops(runner) -> int:
     return total
 
 
-def runner_flops(runner, calls: Counter | dict | None = None) -> dict:
-    """FLOP accounting of ``calls`` (variant key -> calls; default: the runner's own calls)."""
-    calls = runner.variant_calls if calls is None else calls
+def runner_flops(runner, calls: Counter | dict) -> dict:
+    """FLOP accounting of ``calls`` (variant key -> calls) of ``runner``'s graph."""
     calls = {k: n for k, n in calls.items() if n}
     full = variant_flops(runner, full_key(runner)) if calls else 0
     run = sum(n * variant_flops(runner, k) for k, n in calls.items())
@@ -161,11 +160,8 @@ def model_flops(state) -> dict:
     over every call so far, their ratio, ClusCa's clustering estimate and tokens computed per site
     (summed over calls and, for a model split into several graphs, over graphs)."""
     out = {"flops_run": 0, "flops_full": 0, "flops_clustering": 0, "tokens_per_site": Counter()}
-    for ref in state.runners:
-        runner = ref()
-        if runner is None:
-            continue
-        r = runner_flops(runner)
+    for runner, piece in state.graphs():
+        r = runner_flops(runner, piece.variant_calls)
         for k in ("flops_run", "flops_full", "flops_clustering"):
             out[k] += r[k]
         out["tokens_per_site"].update(r["tokens_per_site"])

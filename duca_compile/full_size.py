@@ -146,21 +146,12 @@ def _trace(model: torch.nn.Module, inputs: dict) -> _Trace:
 
 def _runner(trace: _Trace, config: CacheConfig):
     from .backend import DuCaBackend
-    from .runtime import _STATES
 
-    # A fresh state for the report's runner: the model's own (if it is compiled with duca too)
-    # must neither see this runner nor count its variants.
-    params = [x for x in trace.example_inputs if isinstance(x, torch.nn.Parameter)]
-    saved = _STATES.pop(id(params[0]), None) if params else None
+    # The report's runner is never called, so it creates no caching state: a model compiled with
+    # duca too keeps its own untouched.
     ctx = torch._guards.TracingContext(trace.fake_mode) if trace.fake_mode is not None else None
-    try:
-        with torch.no_grad(), (torch._guards.tracing(ctx) if ctx is not None else contextlib.nullcontext()):
-            runner = DuCaBackend(config, inner="eager")(trace.gm, trace.example_inputs)
-    finally:
-        if params:
-            _STATES.pop(id(params[0]), None)
-            if saved is not None:
-                _STATES[id(params[0])] = saved
+    with torch.no_grad(), (torch._guards.tracing(ctx) if ctx is not None else contextlib.nullcontext()):
+        runner = DuCaBackend(config, inner="eager")(trace.gm, trace.example_inputs)
     if not hasattr(runner, "plan_step"):
         raise RuntimeError("duca flops: the duca backend found no cache sites in this model")
     return runner
@@ -222,7 +213,6 @@ def flops_report(model, config: CacheConfig, num_steps: int = 50, batch: int = 2
 
     start = time.perf_counter()
     runner = _runner(trace, config)
-    runner.state.warned.add("variants")      # counting many variants is fine: they are only counted
     calls: Counter = Counter()
     modes: Counter = Counter()
     per_mode: dict = {}

@@ -21,7 +21,8 @@ _HEAVY = {"linear": (torch._C._nn.linear, torch.ops.aten.linear.default, torch.o
 def _require(model):
     st = state_of(model)
     if st is None:
-        raise ValueError("model was not compiled with the duca backend, or has not been called yet")
+        raise ValueError(f"{type(model).__name__} was not compiled with the duca backend, or has not been called "
+                         "yet (the caching state of a model is made by its first call)")
     return st
 
 
@@ -39,8 +40,7 @@ def stats(model, flops: bool = True) -> dict:
     out = st.stats.as_dict()
     out["config"] = st.config
     out["uncached"] = list(st.uncached)
-    out["cache_bytes"] = sum(t.numel() * t.element_size() for ref in st.runners if ref() is not None
-                             for slot in ref().slots.values() for t in slot.caches)
+    out["cache_bytes"] = sum(piece.cache_bytes() for _, piece in st.graphs())
     out["token_ratio"] = out["tokens_computed"] / out["tokens_total"] if out["tokens_total"] else 1.0
     if flops:
         from .flops import model_flops
@@ -82,10 +82,7 @@ def explain(model, as_text: bool = True, num_steps: int | None = None):
     st = _require(model)
     num_steps = num_steps or st.num_steps
     graphs = []
-    for ref in st.runners:
-        runner = ref()
-        if runner is None:
-            continue
+    for runner, _ in st.graphs():
         graphs.append({
             "blocks": list(runner.sitemap.blocks),
             "sites": [{"name": s.name, "kind": s.kind, "outputs": len(s.outputs), "tokens": s.tokens,

@@ -1,25 +1,28 @@
-"""The callable handed back to Dynamo for one graph: each call, plan the step, pick (or lazily build)
-the variant for its per-site actions, and pass it the slot's caches and the per-call inputs.
+"""The callable handed back to Dynamo for one graph: each call, find the caching state of the model
+the call's weights belong to, plan the step, pick (or lazily build) the variant for its per-site
+actions, and pass it the slot's caches and the per-call inputs.
 
-Per slot (a separate cond / uncond pass gets its own) the runner keeps the caches, allocated once
-per shape and written in place, plus the method's run-time state: Taylor clocks and clusters.
+One runner serves every model instance Dynamo routes through its graph, so it holds only what the
+graph determines (sites, layout, compiled variants). What a model keeps for the graph is a
+``Piece`` in that model's state: caches per slot (a separate cond / uncond pass gets its own),
+allocated once per shape and written in place, the method's run-time state (Taylor clocks,
+clusters), and how often each variant ran.
 """
 from __future__ import annotations
 
 import time
-import weakref
 from collections import Counter
 
 import torch
 
 from .clustering import cluster_representatives, kmeans_l1
 from .passes import order_key
-from .policies import Mode, StepPlan
+from .policies import Mode, StepPlan, make_policy
 from .policies.base import effective_mode
 from .runtime import timestep_value
 from .taylor import TaylorClock
 
-__all__ = ["GraphRunner"]
+__all__ = ["GraphRunner", "Piece"]
 
 
 class _Slot:
@@ -29,45 +32,61 @@ class _Slot:
         self.by_key = {c.key: t for c, t in zip(layout.caches, self.caches)}
         self.epoch = -1                     # request whose FULL step filled these caches
         self.taylor = TaylorClock([s.name for s in runner.sitemap.sites], layout.orders,
-                                  getattr(runner.state.config, "first_enhance", 1))
+                                  getattr(runner.config, "first_enhance", 1))
         self.clusters: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}   # tokens -> (assign, centroids)
 
 
+class Piece:
+    """One model's share of one compiled graph: its cache slots and its calls per variant."""
+
+    def __init__(self, runner: "GraphRunner"):
+        self.runner = runner
+        self.slots: dict[int, _Slot] = {}
+        self.variant_calls: Counter = Counter()
+
+    def slot(self, index: int) -> _Slot:
+        if index not in self.slots:
+            self.slots[index] = _Slot(self.runner)
+        return self.slots[index]
+
+    def cache_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for s in self.slots.values() for t in s.caches)
+
+
 class GraphRunner:
-    def __init__(self, state, sitemap, layout, build, piece_key, timestep_index, user_indices):
-        self.state, self.sitemap, self.layout = state, sitemap, layout
+    def __init__(self, resolve, settings, sitemap, layout, build, timestep_index, user_indices):
+        self.resolve, self.settings = resolve, settings      # resolve(args) -> the model's ModelState
+        self.config = settings.config
+        self.policy = make_policy(self.config)
+        self.sitemap, self.layout = sitemap, layout
         self.build = build                  # (actions, skip) -> (compiled callable, variant GraphModule)
-        self.piece_key, self.timestep_index, self.user_indices = piece_key, timestep_index, user_indices
+        self.timestep_index, self.user_indices = timestep_index, user_indices
         self.variants: dict[tuple, object] = {}
         self.variant_graphs: dict[tuple, object] = {}
-        self.variant_calls: Counter = Counter()
         self.input_specs: dict[tuple, list] = {}
-        self.slots: dict[int, _Slot] = {}
         self.sites = {s.name: s for s in sitemap.sites}
-        state.runners.append(weakref.ref(self))
 
     # -- planning -------------------------------------------------------------------------------
     def plan_step(self, step: int, num_steps: int | None) -> tuple[StepPlan, dict, bool]:
         """The policy's plan for ``step`` as per-site actions, labelled with the mode they amount to."""
-        policy = self.state.policy
-        plan = policy.plan(step, num_steps)
-        actions, skip = policy.actions(plan, self.sitemap.sites, len(self.sitemap.blocks), step, num_steps)
+        plan = self.policy.plan(step, num_steps)
+        actions, skip = self.policy.actions(plan, self.sitemap.sites, len(self.sitemap.blocks), step, num_steps)
         return StepPlan(effective_mode(actions, skip), plan.ratio), actions, skip
 
-    def variant(self, actions: dict, skip: bool, key: tuple | None = None):
+    def variant(self, actions: dict, skip: bool, key: tuple | None = None, state=None):
         key = key if key is not None else self.key(actions, skip)
         fn = self.variants.get(key)
         if fn is None:
             start = time.perf_counter()
             fn, self.variant_graphs[key] = self.build(actions, skip)
             self.variants[key] = fn
-            st = self.state
-            st.stats.variants_compiled += 1
-            st.stats.compile_seconds += time.perf_counter() - start
-            if len(self.variants) > st.config.max_variants:
-                st.warn_once("variants", f"duca: {len(self.variants)} variants compiled for one graph "
-                             f"(max_variants={st.config.max_variants}); each distinct per-site plan is a "
-                             "separate compile. Use fewer distinct ratios (k_multiple) or raise max_variants.")
+            if state is not None:
+                state.stats.variants_compiled += 1
+                state.stats.compile_seconds += time.perf_counter() - start
+                if len(self.variants) > self.config.max_variants:
+                    state.warn_once("variants", f"duca: {len(self.variants)} variants compiled for one graph "
+                                    f"(max_variants={self.config.max_variants}); each distinct per-site plan is a "
+                                    "separate compile. Use fewer distinct ratios (k_multiple) or raise max_variants.")
         return fn
 
     @staticmethod
@@ -79,25 +98,23 @@ class GraphRunner:
         return tuple((tuple(args[i].shape), args[i].dtype) if isinstance(args[i], torch.Tensor) else args[i]
                      for i in self.user_indices)
 
-    def _timestep(self, args) -> float | None:
-        if self.timestep_index is None:
-            return None
-        return timestep_value(args[self.timestep_index])
-
-    def _slot(self, slot: int) -> _Slot:
-        if slot not in self.slots:
-            self.slots[slot] = _Slot(self)
-        return self.slots[slot]
+    def piece(self, state) -> Piece:
+        piece = state.pieces.get(self)
+        if piece is None:
+            piece = state.pieces[self] = Piece(self)
+        return piece
 
     def __call__(self, *args):
-        st = self.state
-        shape_key = self._shape_key(args)
-        if st.shape_keys.get(self.piece_key, shape_key) != shape_key:
+        st = self.resolve(args)
+        piece = self.piece(st)
+        shape_key, anchor = self._shape_key(args), id(args[self.resolve.anchor_index])
+        if st.shape_keys.get(anchor, shape_key) != shape_key:
             st.stats.shape_resets += 1
             st.epoch += 1                      # never mix caches of two shapes
-        st.shape_keys[self.piece_key] = shape_key
-        tracked = st.advance_piece((lambda: self._timestep(args)) if self.timestep_index is not None else None)
-        slot = self._slot(st.slot)
+        st.shape_keys[anchor] = shape_key
+        i = self.timestep_index
+        tracked = st.advance_piece((lambda: timestep_value(args[i])) if i is not None else None)
+        slot = piece.slot(st.slot)
         if not tracked:
             st.stats.fallback_calls += 1
             st.warn_once("untracked", "duca: this graph has no timestep input and no duca_compile.sampling() "
@@ -111,22 +128,22 @@ class GraphRunner:
             slot.taylor.reset()
             slot.clusters = {}
         key = self.key(actions, skip)
-        extra = self._inputs(slot, actions, key)
+        extra = self._inputs(st, slot, actions, key)
         st.last_plan, st.last_actions, st.last_skip = plan, actions, skip
-        out = self.variant(actions, skip, key)(*args, *slot.caches, *extra)
-        self.variant_calls[key] += 1
+        out = self.variant(actions, skip, key, st)(*args, *slot.caches, *extra)
+        piece.variant_calls[key] += 1
         for name, action in actions.items():
             if action == "compute" and not skip:
                 st.selector.full(name)         # every token of a computed site is fresh again
         if plan.mode is Mode.FULL:
             slot.epoch = st.epoch
             if self.layout.propagation is not None:
-                self._cluster(slot)
-        self._count(plan, actions, skip)
+                self._cluster(st, slot)
+        self._count(st, plan, actions, skip)
         return out
 
-    def _inputs(self, slot: _Slot, actions: dict, key: tuple) -> list[torch.Tensor]:
-        st, out = self.state, []
+    def _inputs(self, st, slot: _Slot, actions: dict, key: tuple) -> list[torch.Tensor]:
+        out = []
         st.last_indices, st.last_assign = {}, {}
         specs = self.input_specs.get(key)
         if specs is None:
@@ -138,7 +155,7 @@ class GraphRunner:
             elif spec.kind == "taylor_w":
                 out.append(w)
             elif spec.kind == "index":
-                idx = self._indices(slot, spec)
+                idx = self._indices(st, slot, spec)
                 st.last_indices[spec.site] = idx
                 out.append(idx)
             else:                              # "assign": the slot's cluster of every token
@@ -146,8 +163,8 @@ class GraphRunner:
                 out.append(st.last_assign[spec.site])
         return out
 
-    def _indices(self, slot: _Slot, spec) -> torch.Tensor:
-        st, site = self.state, self.sites[spec.site]
+    def _indices(self, st, slot: _Slot, spec) -> torch.Tensor:
+        site = self.sites[spec.site]
         batch, k = spec.shape
         if self.layout.propagation is not None:
             assign = slot.clusters[site.tokens[0]][0]
@@ -156,10 +173,10 @@ class GraphRunner:
         score = slot.by_key[f"vnorm:{site.block}"] if norms is not None else None
         return st.select_tokens(spec.site, batch, site.tokens[0], k, spec.device, score)
 
-    def _cluster(self, slot: _Slot) -> None:
+    def _cluster(self, st, slot: _Slot) -> None:
         """After a FULL step: k-means per token count, on the hidden state leaving the stack when it
         has that many tokens, else on the last feed-forward output with that many (Flux's streams)."""
-        config, st = self.state.config, self.state
+        config = self.config
         stack = [slot.by_key[f"stack:{i}"] for i in range(len(self.sitemap.stack_outputs))]
         for tokens in sorted({s.tokens[0] for s in self.sitemap.sites if s.subsettable}):
             source = next((t for t in stack if t.ndim == 3 and t.shape[1] == tokens), None)
@@ -172,8 +189,8 @@ class GraphRunner:
                                               init=previous[1] if previous is not None else None,
                                               generator=st.generator(source.device))
 
-    def _count(self, plan, actions, skip) -> None:
-        s = self.state.stats
+    def _count(self, st, plan, actions, skip) -> None:
+        s = st.stats
         s.calls += 1
         s.steps[plan.mode.value] += 1
         for site in self.sitemap.sites:

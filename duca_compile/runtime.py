@@ -1,40 +1,40 @@
-"""Run-time side of the backend: per-model state, step/request tracking, caches and dispatch.
+"""Run-time side of the backend: per-model state, step/request tracking and the controls.
 
-Nothing here is traced. ``ModelState`` is shared by every graph Dynamo makes from one model: it
-knows the request, step and slot of each call (from timesteps, ``sampling()`` or a pipeline
-driver) and owns token selection; ``runner.GraphRunner`` dispatches each call to a variant.
+Nothing here is traced. A ``ModelState`` belongs to one model instance and one backend setting
+(``owners`` finds it from the weights a call carries). It knows the request, step and slot of each
+call (from timesteps, ``sampling()`` or a pipeline driver), owns token selection and, per compiled
+graph that served the model, its caches (``runner.Piece``); ``runner.GraphRunner`` dispatches each
+call to a variant.
 """
 from __future__ import annotations
 
 import contextlib
+import math
 import weakref
 from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
 
+from . import owners
 from .policies import CacheConfig, Mode, StepPlan, make_policy
 from .selection import TokenSelector
 
-__all__ = ["ModelState", "PipelineDriver", "Stats", "TimestepClock", "state_of", "attach_state", "sampling",
-           "reset"]
+__all__ = ["ModelState", "PipelineDriver", "Stats", "TimestepTracker", "StateLookup", "TimestepClock", "UncachedCall",
+           "state_of", "states_of", "state_for", "sampling", "reset", "timestep_value"]
 
-# id(owner) -> (weakref to it, state); the owner is the compiled module (every graph piece Dynamo
-# makes from it shares the state) or, outside Dynamo, a graph's first parameter. Tensors compare
-# elementwise, so no WeakKeyDictionary.
-_STATES: dict[int, tuple[weakref.ref, "ModelState"]] = {}
-_PENDING: dict[int, tuple[weakref.ref, "_Sampling"]] = {}     # sampling() entered before the state exists
+# id(module) -> (weakref to it, settings or None for any, driver): a sampling() entered before the
+# model's first call; the state that call creates takes the driver over.
+_PENDING: dict[int, tuple[weakref.ref, object, "_Sampling"]] = {}
+# A request's steps do not jump: a timestep moving on by more than this many times the largest step
+# so far starts a new request (an early-stopped request followed by an img2img one, say).
+JUMP_FACTOR = 4.0
 
 
 def timestep_value(t) -> float:
     """The number marking a call's step: the mean timestep. Per-token timesteps (LTX's conditioning
     frames stay at 0) still change every step; one scalar device-to-host copy."""
     return float(t.float().mean()) if isinstance(t, torch.Tensor) else float(t)
-
-
-def _lookup(owner) -> "ModelState | None":
-    entry = _STATES.get(id(owner))
-    return entry[1] if entry is not None and entry[0]() is owner else None
 
 
 @dataclass
@@ -47,6 +47,7 @@ class Stats:
     cache_hits: int = 0          # site (or stack) outputs read from a cache instead of computed
     shape_resets: int = 0        # caches dropped because batch, resolution or dtype changed
     fallback_calls: int = 0      # calls run FULL because no step could be tracked
+    uncached_calls: int = 0      # calls served by a graph that runs plainly (grad mode, dynamic shapes)
     block_hits: Counter = field(default_factory=Counter)   # block -> site outputs it read from a cache
     variants_compiled: int = 0
     compile_seconds: float = 0.0
@@ -62,34 +63,40 @@ class TimestepTracker:
     """Turns the sequence of timestep values into (new request?, step, slot).
 
     A new value is a new step; the same value again is another pass of the same step (its own
-    cache slot, e.g. separate cond/uncond calls); a value seen before in this request, or one
-    that reverses the direction of the sequence, starts a new request.
+    cache slot, e.g. separate cond/uncond calls). A new request starts with a value seen before in
+    this request, one that reverses the direction of the sequence, or one that jumps by more than
+    ``JUMP_FACTOR`` times the largest step so far.
     """
 
     def __init__(self):
         self.seen: list[float] = []
         self.slot = 0
+        self.largest_step = 0.0
 
     def observe(self, t: float) -> tuple[bool, int, int]:
         if self.seen and t == self.seen[-1]:
             self.slot += 1
             return False, len(self.seen) - 1, self.slot
-        restart = not self.seen or t in self.seen
-        if len(self.seen) >= 2:
-            direction = self.seen[-1] - self.seen[-2]
-            restart |= (t - self.seen[-1]) * direction < 0
+        restart = not self.seen or t in self.seen or not math.isfinite(t)
+        if self.seen:
+            jump = abs(t - self.seen[-1])
+            restart |= self.largest_step > 0 and jump > JUMP_FACTOR * self.largest_step
+            if len(self.seen) >= 2:
+                restart |= (t - self.seen[-1]) * (self.seen[-1] - self.seen[-2]) < 0
         if restart:
-            self.seen = []
+            self.seen, self.largest_step = [], 0.0
+        elif self.seen:
+            self.largest_step = max(self.largest_step, abs(t - self.seen[-1]))
         self.seen.append(t)
         self.slot = 0
         return restart, len(self.seen) - 1, 0
 
 
 class ModelState:
-    """Caching state of one compiled model, shared by every graph Dynamo makes from it."""
+    """Caching state of one model instance under one backend setting."""
 
-    def __init__(self, config: CacheConfig):
-        self.config = config
+    def __init__(self, config: CacheConfig, settings=None):
+        self.config, self.settings = config, settings
         self.policy = make_policy(config)
         self.stats = Stats()
         self.tracker = TimestepTracker()
@@ -97,8 +104,8 @@ class ModelState:
         self.step, self.slot = 0, 0
         self.num_steps: int | None = None
         self.driver = None           # _Sampling or PipelineDriver: step/slot without reading timesteps
-        self.shape_keys: dict[int, tuple] = {}
-        self.runners: list[weakref.ref] = []
+        self.pieces: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()   # GraphRunner -> Piece
+        self.shape_keys: dict[int, tuple] = {}    # id(anchor) of a graph piece -> its last input shapes
         self.step_indices: dict[str, torch.Tensor] = {}
         self.generators: dict[torch.device, torch.Generator] = {}
         self.warned: set[str] = set()
@@ -115,6 +122,13 @@ class ModelState:
         self.pending_timestep: torch.Tensor | None = None
         self.advanced_at = -1
         self.tracked = False
+
+    def __repr__(self):
+        return f"ModelState({self.config!r}, calls={self.stats.calls})"
+
+    def graphs(self) -> list:
+        """(runner, piece) of every compiled graph that has served this model."""
+        return list(self.pieces.items())
 
     def new_request(self) -> None:
         self.epoch += 1
@@ -188,32 +202,65 @@ class ModelState:
             warnings.warn(message, stacklevel=3)
 
 
-def state_of(model) -> ModelState | None:
-    """The caching state of a compiled model (or of its original module)."""
-    module = getattr(model, "_orig_mod", model)
-    st = _lookup(module)
-    if st is not None:
-        return st
-    for p in module.parameters() if isinstance(module, torch.nn.Module) else ():
-        st = _lookup(p)
-        if st is not None:
-            return st
-    return None
-
-
-def attach_state(owner, config: CacheConfig) -> ModelState:
-    """The state of ``owner`` (a module, or a graph's first parameter), new if its config changed."""
-    old = st = _lookup(owner)
-    if st is None or st.config != config:
-        st = ModelState(config)
-        pending = _PENDING.get(id(owner))
-        if pending is not None and pending[0]() is owner:     # a sampling() entered before the first call
-            st.driver = pending[1]
-        elif old is not None:                                 # recompiled with another config inside one
-            st.driver = old.driver
-        key = id(owner)
-        _STATES[key] = (weakref.ref(owner, lambda _, key=key: _STATES.pop(key, None)), st)
+def state_for(owner: owners.Owner, settings, on_new=None) -> ModelState:
+    """``owner``'s state under ``settings`` (a ``backend.Settings``), created on first use."""
+    st = owner.states.get(settings)
+    if st is None:
+        st = owner.states[settings] = ModelState(settings.config, settings)
+        module = owner.module() if owner.module is not None else None
+        pending = _PENDING.get(id(module)) if module is not None else None
+        if pending is not None and pending[0]() is module and pending[1] in (None, settings):
+            st.driver = pending[2]                # a sampling() entered before the first call
+        if on_new is not None:
+            on_new(st)
     return st
+
+
+def states_of(model) -> list[ModelState]:
+    """Every caching state of ``model`` (a compiled wrapper or the module itself), one per setting."""
+    module = getattr(model, "_orig_mod", model)
+    owner = owners.lookup(module)
+    if owner is None and isinstance(module, torch.nn.Module):
+        owner = next(filter(None, map(owners.lookup, module.parameters())), None)
+    return list(owner.states.values()) if owner is not None else []
+
+
+def state_of(model) -> ModelState | None:
+    """The caching state a compiled model uses: the one of its own backend settings when ``model``
+    is a compiled wrapper (``torch.compile(m, ...)`` or ``m.compile(...)``), else the only one.
+    None before the model's first call.
+
+    Raises ValueError when the module has several (compiled with two configs) and ``model`` does
+    not say which."""
+    from .backend import settings_of
+
+    states = states_of(model)
+    settings = settings_of(model) if states else None
+    if settings is not None:
+        return next((st for st in states if st.settings == settings), None)
+    if len(states) <= 1:
+        return states[0] if states else None
+    raise ValueError(f"{type(getattr(model, '_orig_mod', model)).__name__} is compiled with {len(states)} duca "
+                     f"settings ({', '.join(repr(s.config) for s in states)}); pass the compiled wrapper "
+                     "that torch.compile returned to say which")
+
+
+class StateLookup:
+    """Per call, the state of the model whose weights the call carries (``args[anchor_index]`` is
+    its first parameter) under one backend setting. The last answer is kept for the next call."""
+
+    def __init__(self, settings, anchor_index: int, on_new=None):
+        self.settings, self.anchor_index, self.on_new = settings, anchor_index, on_new
+        self._last: tuple = (None, None)     # weak references: (anchor, its state)
+
+    def __call__(self, args) -> ModelState:
+        anchor = args[self.anchor_index]
+        ref, st = self._last
+        st = st() if ref is not None and ref() is anchor else None
+        if st is None:
+            st = state_for(owners.owner_of_call(anchor), self.settings, self.on_new)
+            self._last = (weakref.ref(anchor), weakref.ref(st))
+        return st
 
 
 class TimestepClock:
@@ -221,12 +268,37 @@ class TimestepClock:
     model before a graph break): each call it counts a model call and keeps the timestep tensor
     for the block piece that follows. Nothing is read from the device here."""
 
-    def __init__(self, state: ModelState, compiled, timestep_index: int):
-        self.state, self.compiled, self.timestep_index = state, compiled, timestep_index
+    def __init__(self, resolve, compiled, timestep_index: int, why: str):
+        self.resolve, self.compiled, self.timestep_index, self.why = resolve, compiled, timestep_index, why
 
     def __call__(self, *args):
-        self.state.clock_calls += 1
-        self.state.pending_timestep = args[self.timestep_index]
+        st = self.resolve(args)
+        if self.why not in st.uncached:
+            st.uncached.append(self.why)
+        st.clock_calls += 1
+        st.pending_timestep = args[self.timestep_index]
+        return self.compiled(*args)
+
+
+class UncachedCall:
+    """Wraps a graph of a model that runs plainly, and says why in ``stats``. With ``counts_step``
+    (grad mode, dynamic shapes: the model's cached graphs exist but cannot serve this call) the call
+    still counts as a step of the request, from its timestep or the driver, and the caches, which
+    it did not write, are stale for the next cached call."""
+
+    def __init__(self, resolve, compiled, why: str, counts_step: bool = False, timestep_index: int | None = None):
+        self.resolve, self.compiled, self.why = resolve, compiled, why
+        self.counts_step, self.timestep_index = counts_step, timestep_index
+
+    def __call__(self, *args):
+        st = self.resolve(args)
+        if self.why not in st.uncached:
+            st.uncached.append(self.why)
+        if self.counts_step:
+            st.stats.uncached_calls += 1
+            i = self.timestep_index
+            st.advance_piece((lambda: timestep_value(args[i])) if i is not None else None)
+            st.epoch += 1                       # the cached graphs' caches missed this step
         return self.compiled(*args)
 
 
@@ -237,8 +309,13 @@ class _Sampling:
     calls: int = 0
 
     def next_call(self):
-        i, self.calls = self.calls, self.calls + 1
+        i = self.calls
         step, slot = divmod(i, self.calls_per_step)
+        if self.num_steps is not None and step >= self.num_steps:
+            raise ValueError(f"sampling(num_steps={self.num_steps}, calls_per_step={self.calls_per_step}) allows "
+                             f"{self.num_steps * self.calls_per_step} model calls; this is call {i + 1}. Raise "
+                             "num_steps, or leave the context between requests")
+        self.calls += 1
         return i == 0, step, slot, self.num_steps
 
 
@@ -280,17 +357,22 @@ class PipelineDriver:
 @contextlib.contextmanager
 def sampling(model, num_steps: int | None = None, calls_per_step: int = 1):
     """Explicit step tracking: inside, the k-th call is step ``k // calls_per_step``; the timestep
-    is never read (no device-to-host copy). Entering starts a new request. It may be entered
-    before the model's first call: the state Dynamo's first compile creates takes it over.
+    is never read (no device-to-host copy). Entering starts a new request; more calls than
+    ``num_steps * calls_per_step`` raise ValueError. It may be entered before the model's first
+    call: the state that call creates takes it over. Given the wrapper ``torch.compile`` returned,
+    it drives that wrapper's state only (a module compiled with two configs has two).
 
     Example:
         with duca_compile.sampling(fast, num_steps=len(scheduler.timesteps)):
             for t in scheduler.timesteps: ...
     """
-    if calls_per_step < 1:
-        raise ValueError(f"calls_per_step must be >= 1, got {calls_per_step!r}")
-    if num_steps is not None and num_steps < 1:
-        raise ValueError(f"num_steps must be >= 1, got {num_steps!r}")
+    from .backend import settings_of
+
+    for name, value in (("calls_per_step", calls_per_step), ("num_steps", num_steps)):
+        if value is None and name == "num_steps":
+            continue
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"sampling(): {name} must be an int >= 1, got {value!r}")
     driver, module = _Sampling(num_steps, calls_per_step), getattr(model, "_orig_mod", model)
     st = state_of(model)
     if st is None and not isinstance(module, torch.nn.Module):
@@ -299,13 +381,14 @@ def sampling(model, num_steps: int | None = None, calls_per_step: int = 1):
     if st is not None:
         st.driver = driver
     else:
-        _PENDING[id(module)] = (weakref.ref(module), driver)
+        _PENDING[id(module)] = (weakref.ref(module), settings_of(model), driver)
     try:
         yield st                  # None when the first call inside creates the state
     finally:
         _PENDING.pop(id(module), None)
-        for state in {id(s): s for s in (st, state_of(model)) if s is not None}.values():
-            if state.driver is driver:          # the state a compile inside the block created, too
+        touched = {id(s): s for s in (st, *states_of(model)) if s is not None and (s is st or s.driver is driver)}
+        for state in touched.values():          # the state a first call inside created, too
+            if state.driver is driver:
                 state.driver = previous
             state.reset()
 

@@ -48,7 +48,7 @@ def test_caches_hit_and_change_the_output(family):
     s = duca_compile.stats(fast)
     assert s["steps"] == {"full": 2, "reuse": 0, "skip": 2, "subset": 2, "partial": 0}   # F C A F C A
     assert s["cache_hits"] > 0 and s["tokens_computed"] < s["tokens_total"]
-    layout = state_of(fast).runners[0]().layout                 # one slot: every cache once
+    layout = state_of(fast).graphs()[0][0].layout                 # one slot: every cache once
     assert s["cache_bytes"] == sum(math.prod(c.shape) * c.dtype.itemsize for c in layout.caches) > 0
     for step, (out, plain) in enumerate(outs):
         same = torch.allclose(out, plain, atol=1e-6)

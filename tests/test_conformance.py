@@ -170,7 +170,7 @@ def test_ltx_per_token_timesteps_track_steps_and_gather_the_modulation():
         torch.testing.assert_close(out, oracle.replay(fast, **kw)[0], atol=ATOL, rtol=1e-4)
     s = duca_compile.stats(fast, flops=False)
     assert s["steps"]["subset"] == 2 and s["steps"]["skip"] == 2 and s["requests"] == 1
-    runner = state_of(fast).runners[0]()
+    runner, _ = state_of(fast).graphs()[0]
     from duca_compile.report import count_ops
     subset = [gm for key, gm in runner.variant_graphs.items() if any(isinstance(a, int) for _, a in key[1])][0]
     assert count_ops(subset)["gather"] > count_ops(subset)["scatter"]     # modulation gathered too

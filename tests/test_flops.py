@@ -25,9 +25,9 @@ def _stock_flops(model, kw) -> int:
 
 
 def _runner(fast):
-    runners = [r() for r in state_of(fast).runners if r() is not None]
-    assert len(runners) == 1
-    return runners[0]
+    graphs = state_of(fast).graphs()
+    assert len(graphs) == 1
+    return graphs[0][0]
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -50,8 +50,9 @@ def test_stats_flops_match_variant_flops_times_calls():
         fast(**make_inputs("pixart", model, timestep=t))
     s = duca_compile.stats(fast)
     runner = _runner(fast)
-    per = {key: variant_flops(runner, key) for key in runner.variant_calls}
-    assert sorted(runner.variant_calls.values()) == [2, 2, 2]
+    calls = state_of(fast).graphs()[0][1].variant_calls
+    per = {key: variant_flops(runner, key) for key in calls}
+    assert sorted(calls.values()) == [2, 2, 2]
     full, = (f for key, f in per.items() if key == full_key(runner))
     subset, skip = sorted(f for key, f in per.items() if key != full_key(runner))[::-1]
     assert 0 < skip < subset < full
@@ -93,7 +94,7 @@ def test_report_follows_the_runtime_schedule():
     assert (r["flops_run"], r["flops_full"]) == (s["flops_run"], s["flops_full"])
     assert r["tokens_per_site"] == s["tokens_per_site"]
     assert r["flops_full"] == 7 * count_flops(model, **model_inputs(model, 2))
-    assert state_of(model) is st and len(st.runners) == 1                # the report left it alone
+    assert state_of(model) is st and len(st.graphs()) == 1                # the report left it alone
     assert duca_compile.stats(fast) == s
 
 

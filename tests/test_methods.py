@@ -110,10 +110,10 @@ def test_kv_norm_selects_the_tokens_with_the_smallest_value_norms():
     kw0 = make_inputs("dit", model, timestep=900.0)
     fast(**kw0)
     fast(**make_inputs("dit", model, timestep=800.0, seed=1))                # conservative step
-    runner = state_of(fast).runners[0]()
+    runner, piece = state_of(fast).graphs()[0]
     for block in runner.sitemap.blocks:
         expected = _value_scores(model, block, kw0)
-        torch.testing.assert_close(runner.slots[0].by_key[f"vnorm:{block}"], expected, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(piece.slots[0].by_key[f"vnorm:{block}"], expected, atol=1e-4, rtol=1e-4)
         score = torch.nn.functional.normalize(expected.view(2, 1, -1).mean(0), dim=-1)
         want = score.topk(4, dim=1).indices.expand(2, -1)
         got = state_of(fast).last_indices[f"{block}.ff"]

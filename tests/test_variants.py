@@ -17,7 +17,7 @@ def _variants(family):
     model, fast = compile_tiny(family, ScriptedConfig(modes=("full", "reuse", "skip", "subset"), ratio=RATIO))
     for t in timesteps(4):
         fast(**make_inputs(family, model, timestep=t))
-    runner = state_of(fast).runners[0]()
+    runner, _ = state_of(fast).graphs()[0]
     by_name = {}
     from duca_compile.report import _variant_name
     for key, gm in runner.variant_graphs.items():
@@ -68,7 +68,7 @@ def _graphs(family, config, n=6):
     model, fast = compile_tiny(family, config)
     for i, t in enumerate(timesteps(n)):
         fast(**make_inputs(family, model, timestep=t, seed=i))
-    runner = state_of(fast).runners[0]()
+    runner, _ = state_of(fast).graphs()[0]
     from duca_compile.report import _variant_name
     return runner, {_variant_name(k).split("(")[0]: g for k, g in runner.variant_graphs.items()}
 

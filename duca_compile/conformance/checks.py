@@ -135,7 +135,7 @@ def _scripted(report: Report, family: str, model, exp: Expected) -> None:
     report.subset = {s["name"]: s["subset"] for s in graph["sites"]}
     report.tokens = {t for s in graph["sites"] for t in s["tokens"]}
     report.blocks = graph["blocks"]
-    runner = next(r() for r in state_of(fast).runners if r() is not None)
+    runner = next(runner for runner, _ in state_of(fast).graphs())
     blocks, sites = set(runner.sitemap.blocks), [s.name for s in runner.sitemap.sites]
     for key, gm in runner.variant_graphs.items():
         name = _variant_name(key)

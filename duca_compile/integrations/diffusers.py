@@ -39,29 +39,23 @@ _BACKENDS: "weakref.WeakKeyDictionary[torch.nn.Module, _PipelineBackend]" = weak
 
 
 class _PipelineBackend:
-    """The duca backend, plus: every caching state it compiles a graph for is driven by ``driver``.
-
-    The state is found on the runner the backend returns, not attached up front by
-    ``next(transformer.parameters())``: the backend keys a state by the first parameter *the graph
-    uses* (PixArt: ``pos_embed.proj.weight``, not ``scale_shift_table``; Flux: ``x_embedder.weight``),
-    so a state attached up front would be a second, never-called state that ``stats`` could find first.
-    """
+    """The duca backend, plus: every caching state it creates (at a model's first call) is driven by
+    ``driver`` while the pipeline is enabled."""
 
     def __init__(self, key: tuple, config: CacheConfig, inner: str, mode, options):
         self.key = key
-        self.duca = duca_backend(config, inner=inner, mode=mode, options=options)
+        self.duca = duca_backend(config, inner=inner, mode=mode, options=options, on_state=self._adopt)
         self.driver = PipelineDriver()
         self.states: weakref.WeakSet[ModelState] = weakref.WeakSet()
         self.enabled = False
 
+    def _adopt(self, state: ModelState) -> None:
+        self.states.add(state)
+        if self.enabled:
+            state.driver = self.driver
+
     def __call__(self, gm, example_inputs, **kwargs):
-        out = self.duca(gm, example_inputs, **kwargs)
-        state = getattr(out, "state", None)          # a GraphRunner; a plainly compiled graph has none
-        if isinstance(state, ModelState):
-            self.states.add(state)
-            if self.enabled:
-                state.driver = self.driver
-        return out
+        return self.duca(gm, example_inputs, **kwargs)
 
     def connect(self, on: bool) -> None:
         self.enabled = on
