@@ -276,3 +276,99 @@ def test_graph_breaks_still_cache_per_piece():
             ref = oracle(st.last_plan.mode, st.last_indices, **kw)[0]
             torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
     assert all(duca_compile.stats(fast)["steps"][m] > 0 for m in ALL_MODES)
+
+
+@pytest.mark.parametrize("family", ["flux", "sd3"])
+def test_positional_timestep_is_found_through_the_forward_signature(family):
+    """diffusers decorates Flux's and SD3's forward (``*args``), so Dynamo names a positional
+    timestep ``L['args'][3]``; the signature of the forward says it is the timestep."""
+    import inspect
+
+    ts = timesteps(4)
+    by_name = []
+    model, fast = compile_tiny(family, FORAConfig(interval=2))
+    for i, t in enumerate(ts):
+        by_name.append(fast(**make_inputs(family, model, timestep=t, seed=i))[0])
+    torch._dynamo.reset()
+    model, fast = compile_tiny(family, FORAConfig(interval=2))
+    names = list(inspect.signature(model.forward).parameters)
+    for i, t in enumerate(ts):
+        kw = make_inputs(family, model, timestep=t, seed=i)
+        positional = [kw.pop(n) for n in names[:names.index("timestep") + 1]]
+        assert torch.equal(fast(*positional, **kw)[0], by_name[i])
+    s = duca_compile.stats(fast, flops=False)
+    assert s["fallback_calls"] == 0 and s["steps"]["reuse"] == 2
+
+
+def test_a_timestep_jump_starts_a_new_request():
+    """An early-stopped request, then an img2img-style one starting lower: the jump (300 after
+    steps of 20) is no step of the same request, so the first call of the new one runs FULL."""
+    model, fast = compile_tiny("dit", FORAConfig(interval=10))
+    for i, t in enumerate((900.0, 880.0, 860.0)):
+        fast(**make_inputs("dit", model, timestep=t, seed=i))
+    kw = make_inputs("dit", model, timestep=560.0, seed=7)
+    torch.testing.assert_close(fast(**kw)[0], model(**kw)[0], atol=1e-6, rtol=1e-5)
+    fast(**make_inputs("dit", model, timestep=540.0, seed=8))
+    s = duca_compile.stats(fast, flops=False)
+    assert s["requests"] == 2 and s["steps"]["full"] == 2 and s["steps"]["reuse"] == 3
+
+
+def test_grad_mode_calls_inside_a_request_still_count_as_steps():
+    """Calls run plainly in grad mode advance the step, and leave the caches stale for the next
+    cached call (which runs FULL) instead of letting it reuse caches from four steps earlier."""
+    model, fast = compile_tiny("dit", FORAConfig(interval=3))
+    ts = timesteps(8)
+    fast(**make_inputs("dit", model, timestep=ts[0]))                        # step 0: FULL
+    with torch.enable_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for t in ts[1:5]:                                                   # steps 1-4: plain, grad mode
+            fast(**make_inputs("dit", model, timestep=t))
+    kw = make_inputs("dit", model, timestep=ts[5])
+    torch.testing.assert_close(fast(**kw)[0], model(**kw)[0], atol=1e-6, rtol=1e-5)   # step 5: FULL
+    st = state_of(fast)
+    assert st.step == 5 and st.last_plan.mode.value == "full"
+    fast(**make_inputs("dit", model, timestep=ts[6]))                        # step 6: FULL (6 % 3)
+    fast(**make_inputs("dit", model, timestep=ts[7]))                        # step 7: reuses step 6
+    s = duca_compile.stats(fast, flops=False)
+    assert s["requests"] == 1 and s["uncached_calls"] == 4 and s["steps"] == {
+        "full": 3, "reuse": 1, "skip": 0, "subset": 0, "partial": 0}
+    assert any("grad mode" in why for why in s["uncached"])
+
+
+@pytest.mark.parametrize("options, field", [
+    ({"inner": "nope"}, "inner"),
+    ({"config": "fora"}, "config"),
+    ({"freezing": True}, "inner='eager' compiles nothing"),
+])
+def test_bad_compile_options_raise_value_error_naming_them(options, field):
+    model = make_model("dit")
+    fast = torch.compile(model, backend="duca", options={"inner": "eager", **options})
+    with pytest.raises(Exception, match=field) as info:
+        fast(**make_inputs("dit", model))
+    error, causes = info.value, []
+    while error is not None:                                    # Dynamo wraps what a backend raises
+        causes.append(error)
+        error = error.__cause__ or getattr(error, "inner_exception", None)
+    assert any(isinstance(e, ValueError) for e in causes), causes
+
+
+@pytest.mark.parametrize("bad, field", [
+    (lambda: duca_backend(FORAConfig(), inner="eager", options={"freezing": True}), "inner='eager'"),
+    (lambda: duca_backend(FORAConfig(), options={"no_such_inductor_key": 1}), "no_such_inductor_key"),
+    (lambda: duca_backend(FORAConfig(), mode="fastest"), "mode"),
+])
+def test_bad_backend_arguments_raise_value_error_at_construction(bad, field):
+    with pytest.raises(ValueError, match=field):
+        bad()
+
+
+def test_more_calls_than_sampling_declared_raise_value_error():
+    model, fast = compile_tiny("dit", FORAConfig(interval=2))
+    kw = make_inputs("dit", model)
+    with pytest.raises(ValueError, match="num_steps=2"):
+        with duca_compile.sampling(fast, num_steps=2):
+            for _ in range(3):
+                fast(**kw)
+    with pytest.raises(ValueError, match="num_steps"):
+        with duca_compile.sampling(fast, num_steps=True):
+            pass

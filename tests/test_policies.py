@@ -160,7 +160,84 @@ def test_presets_list_and_reject_unknown_names():
     (lambda: ClusCaConfig(clusters=0), "clusters"),
     (lambda: ClusCaConfig(propagation=1.5), "propagation"),
     (lambda: FORAConfig(compute_first=-1), "compute_first"),
+    # found by a new user: each ran silently or failed later with another error
+    (lambda: DuCaConfig(seed=2**70), "seed"),
+    (lambda: DuCaConfig(interval_weight=-1.0), "interval_weight"),
+    (lambda: DuCaConfig(interval_weight=float("nan")), "interval_weight"),
+    (lambda: ToCaConfig(soft_fresh_weight=float("nan")), "soft_fresh_weight"),
+    (lambda: ToCaConfig(spatial_bonus=float("inf")), "spatial_bonus"),
+    (lambda: RatioSchedule(step_weight=float("nan")), "step_weight"),
+    (lambda: FORAConfig(interval=True), "interval"),
+    (lambda: DuCaConfig(cycles=3), "cycles"),
+    (lambda: ToCaConfig(forced_interval=5), "forced_interval"),
+    (lambda: ToCaConfig(count_down="yes"), "count_down"),
 ])
 def test_bad_method_config_raises_value_error_naming_the_field(bad, field):
     with pytest.raises(ValueError, match=field):
         bad()
+
+
+def _sites():
+    from duca_compile.passes import Site
+
+    return [Site(name=f"blocks.{b}.{c}", block=f"blocks.{b}", kind=k, outputs=["x"], streams=["s"], tokens=[16],
+                 layer=b) for b in range(2) for c, k in (("attn1", "self_attn"), ("attn2", "cross_attn"), ("ff", "ff"))]
+
+
+_ANY = st.one_of(
+    st.none(), st.booleans(), st.integers(-2**70, 2**70), st.integers(-3, 40),
+    st.floats(allow_nan=True, allow_infinity=True), st.floats(-2, 2), st.text(max_size=4),
+    st.sampled_from(["random", "kv-norm", "full", "reuse", "skip", "subset", "FCA", "self_attn"]),
+    st.lists(st.integers(-1, 30), max_size=3).map(tuple),
+    st.lists(st.tuples(st.integers(-1, 30), st.integers(-1, 30), st.integers(-1, 5)), max_size=2).map(tuple),
+    st.lists(st.sampled_from(["full", "reuse", "skip", "subset", "fast"]), max_size=3),
+    st.just((("self_attn", "FCA"), ("cross_attn", "FCACCA"), ("ff", "FC"))), st.dictionaries(st.text(max_size=2), st.none(), max_size=1),
+    st.builds(RatioSchedule, step_weight=st.floats(-1, 1), layer_weight=st.floats(-1, 1), module_weight=st.floats(-1, 1),
+              count_down=st.booleans()),
+)
+
+
+def _near(default):
+    """Values of the field's own type, edge cases first, or anything at all."""
+    if isinstance(default, bool):
+        return st.one_of(st.booleans(), _ANY)
+    if isinstance(default, int):
+        return st.one_of(st.integers(-3, 40), st.sampled_from([2**63, 2**64, 2**70, -2**63 - 1]), _ANY)
+    if isinstance(default, float):
+        edges = [-1.0, 1.0, 0.0, float("nan"), float("inf"), -float("inf")]
+        return st.one_of(st.sampled_from(edges), st.floats(-2, 2), _ANY)
+    return _ANY
+
+
+@settings(max_examples=500)
+@given(data=st.data(), config_type=st.sampled_from([FORAConfig, DuCaConfig, ToCaConfig, TaylorSeerConfig, ClusCaConfig,
+                                                     duca_compile.ScriptedConfig, RatioSchedule]))
+def test_any_field_values_validate_or_raise_value_error(data, config_type):
+    """Every config either validates or raises ValueError naming the field; a valid one is hashable
+    (it keys the caching state), seeds a generator and plans every step without another error."""
+    import dataclasses
+
+    import torch
+
+    fields = {f.name: f.default for f in dataclasses.fields(config_type)}
+    chosen = data.draw(st.lists(st.sampled_from(sorted(fields)), min_size=1, max_size=3, unique=True))
+    kwargs = {name: data.draw(_near(fields[name]), label=name) for name in chosen}
+    try:
+        config = config_type(**kwargs)
+    except ValueError as e:
+        assert any(name in str(e) for name in chosen), e
+        return
+    hash(config)
+    if config_type is RatioSchedule:
+        return
+    torch.Generator().manual_seed(config.seed)
+    policy = make_policy(config)
+    for num_steps in (None, 9):
+        for step in range(9):
+            try:
+                plan = policy.plan(step, num_steps)
+                actions, _ = policy.actions(plan, _sites(), 2, step, num_steps)
+            except ValueError as e:                 # the two documented refusals
+                assert ("number of denoising steps" in str(e) and num_steps is None) or "clusters" in str(e), e
+                continue
+            assert all(a in ("compute", "reuse") or 0 < a <= 16 for a in actions.values())

@@ -6,7 +6,10 @@ and whose other operand comes from no child is a residual add. The node first re
 child is the branch's raw, un-gated output: REUSE reads it from a cache and re-applies the current
 step's gate (and any norm wrapped around the output, Lumina2's sandwich norm), as the official
 DuCa code does. Children that do not read the stream (QwenImage's ``img_mod`` modulation) are
-conditioning, not branches. Block stacks that never see the latent (a text refiner) are not cached.
+conditioning, not branches. Block stacks that never see the latent (a text refiner) are not cached,
+and neither are blocks without an attention module of their own: a transformer block owns its
+attention (``blocks.3.attn1``), while a UNet's resnets and bare attention layers, which also add a
+residual, are no stack of transformer blocks.
 """
 from __future__ import annotations
 
@@ -183,6 +186,19 @@ def _classify(raw: fx.Node, stream: fx.Node, block: str, where: _Where) -> str:
     return "cross_attn"
 
 
+def _attention_blocks(graph: fx.Graph, where: _Where) -> set[str]:
+    """Blocks with an attention child module: one whose own code runs SDPA, or whose class is an
+    attention class (Sana's linear attention runs no SDPA)."""
+    out = set()
+    for n in graph.nodes:
+        block, child = where.block.get(n), where.child.get(n)
+        if block is None or child is None or block in out or module_path(n) != f"{block}.{child}":
+            continue
+        if is_sdpa(n) or "Attention" in child_class(n, f"{block}.{child}"):
+            out.add(block)
+    return out
+
+
 def find_sites(gm: fx.GraphModule) -> SiteMap:
     """Locate every block's residual branches and the stack output in ``gm``."""
     graph = gm.graph
@@ -200,6 +216,9 @@ def find_sites(gm: fx.GraphModule) -> SiteMap:
         residual = _residual(n, block, where, block_nodes[block])
         if residual is not None:
             found.append((n, block, *residual))
+    attention = _attention_blocks(graph, where)
+    not_transformer = list(dict.fromkeys(block for _, block, *_ in found if block not in attention))
+    found = [f for f in found if f[1] in attention]
     residual_adds = {n: None for n, *_ in found}
 
     sites: dict[str, Site] = {}
@@ -232,7 +251,11 @@ def find_sites(gm: fx.GraphModule) -> SiteMap:
     for site in sites.values():
         site.layer = blocks.index(site.block)
     result = SiteMap(sites=list(sites.values()), stack_outputs=stack_outputs, blocks=blocks)
-    if not sites:
+    if not sites and not_transformer:
+        result.why_empty = (f"no stack of transformer blocks: {', '.join(not_transformer[:4])}"
+                            f"{' ...' if len(not_transformer) > 4 else ''} add residual branches but own no "
+                            "attention module (a UNet's resnets and attention layers are not cached)")
+    elif not sites:
         result.why_empty = ("no residual branch found: no block-level add (module path '<name>.<index>') "
                             "combines one child module's output with the residual stream")
     elif not stack_outputs:

@@ -7,11 +7,12 @@ variant is keyed by those actions, so two steps with the same actions share one 
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from enum import Enum
 
 __all__ = ["Mode", "StepPlan", "CacheConfig", "CachePolicy", "register_policy", "make_policy", "POLICIES",
-           "effective_mode", "check_int", "check_unit"]
+           "effective_mode", "check_int", "check_unit", "check_number", "check_bool"]
 
 
 class Mode(str, Enum):
@@ -32,14 +33,33 @@ class StepPlan:
     site_modes: tuple = ()
 
 
-def check_int(owner: str, name: str, value, low: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < low:
-        raise ValueError(f"{owner}.{name} must be an int >= {low}, got {value!r}")
+def check_int(owner: str, name: str, value, low: int, high: int | None = None) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < low or (high is not None and value > high):
+        valid = f">= {low}" if high is None else f"in [{low}, {high}]"
+        raise ValueError(f"{owner}.{name} must be an int {valid}, got {value!r}")
+
+
+def check_number(owner: str, name: str, value, low: float | None = None, high: float | None = None,
+                 open_interval: bool = False) -> None:
+    """A finite int or float (never a bool), within [low, high] (or (low, high) with ``open_interval``)."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if ok and low is not None:
+        ok = value > low if open_interval else value >= low
+    if ok and high is not None:
+        ok = value < high if open_interval else value <= high
+    if not ok:
+        lo, hi = ("(", ")") if open_interval else ("[", "]")
+        valid = f"in {lo}{'-inf' if low is None else low}, {'inf' if high is None else high}{hi}"
+        raise ValueError(f"{owner}.{name} must be a finite number {valid}, got {value!r}")
 
 
 def check_unit(owner: str, name: str, value) -> None:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0.0 <= value <= 1.0:
-        raise ValueError(f"{owner}.{name} must be in [0, 1], got {value!r}")
+    check_number(owner, name, value, 0.0, 1.0)
+
+
+def check_bool(owner: str, name: str, value) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"{owner}.{name} must be True or False, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -63,7 +83,8 @@ class CacheConfig:
 
     def __post_init__(self):
         owner = type(self).__name__
-        check_int(owner, "seed", self.seed, -(2**63))
+        check_int(owner, "seed", self.seed, -(2**63), 2**64 - 1)      # what torch.Generator takes
+        check_bool(owner, "share_cfg_indices", self.share_cfg_indices)
         check_int(owner, "compute_first", self.compute_first, 0)
         check_int(owner, "max_variants", self.max_variants, 1)
 

@@ -34,14 +34,22 @@ class DuCaConfig(TokenConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        cycles = tuple(tuple(c) for c in (self.cycles.items() if isinstance(self.cycles, dict) else self.cycles))
-        for c in cycles:
-            if len(c) != 2 or c[0] not in _KINDS or not c[1] or set(c[1]) - set(_LETTERS):
-                raise ValueError(f"DuCaConfig.cycles must be ((kind, letters), ...) with kind in {_KINDS} and "
-                                 f"letters from 'FCA', got {self.cycles!r}")
+        cycles = _cycles(self.cycles)
         if cycles and {c[0] for c in cycles} != set(_KINDS):
             raise ValueError(f"DuCaConfig.cycles must give a cycle for every kind {_KINDS}, got {self.cycles!r}")
         object.__setattr__(self, "cycles", cycles)
+
+
+def _cycles(value) -> tuple:
+    """``value`` as ((kind, letters), ...), or ValueError."""
+    raw = tuple(value.items()) if isinstance(value, dict) else value
+    ok = isinstance(raw, (tuple, list)) and all(
+        isinstance(c, (tuple, list)) and len(c) == 2 and isinstance(c[0], str) and c[0] in _KINDS
+        and isinstance(c[1], str) and c[1] and not set(c[1]) - set(_LETTERS) for c in raw)
+    if not ok:
+        raise ValueError(f"DuCaConfig.cycles must be ((kind, letters), ...) with kind in {_KINDS} and "
+                         f"letters from 'FCA', got {value!r}")
+    return tuple(tuple(c) for c in raw)
 
 
 @register_policy(DuCaConfig)

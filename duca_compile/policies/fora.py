@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .base import CacheConfig, CachePolicy, Mode, StepPlan, register_policy
+from .base import CacheConfig, CachePolicy, Mode, StepPlan, check_int, register_policy
 
 __all__ = ["FORAConfig", "FORAPolicy"]
 
@@ -17,8 +17,7 @@ class FORAConfig(CacheConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if not isinstance(self.interval, int) or self.interval < 1:
-            raise ValueError(f"FORAConfig.interval must be an int >= 1, got {self.interval!r}")
+        check_int("FORAConfig", "interval", self.interval, 1)
 
 
 @register_policy(FORAConfig)

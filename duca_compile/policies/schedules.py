@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
-from .base import CacheConfig, StepPlan, check_int, check_unit
+from .base import CacheConfig, StepPlan, check_bool, check_int, check_number, check_unit
 
 __all__ = ["RatioSchedule", "TokenConfig", "official_step", "cycle_residues", "SELECTIONS"]
 
@@ -34,10 +34,10 @@ class RatioSchedule:
     count_down: bool = False
 
     def __post_init__(self):
-        for name in ("step_weight", "layer_weight", "module_weight", "module_tau"):
-            if not isinstance(getattr(self, name), (int, float)):
-                raise ValueError(f"RatioSchedule.{name} must be a number, got {getattr(self, name)!r}")
+        for name in ("step_weight", "layer_weight", "module_weight"):
+            check_number("RatioSchedule", name, getattr(self, name))
         check_unit("RatioSchedule", "module_tau", self.module_tau)
+        check_bool("RatioSchedule", "count_down", self.count_down)
 
     def factor(self, kind: str, layer: int, layers: int, step: int, num_steps: int | None) -> float:
         f = 1.0
@@ -125,24 +125,26 @@ class TokenConfig(CacheConfig):
         owner = type(self).__name__
         check_int(owner, "interval", self.interval, 1)
         check_unit(owner, "ratio", self.ratio)
-        if self.selection not in SELECTIONS:
+        if not isinstance(self.selection, str) or self.selection not in SELECTIONS:
             raise ValueError(f"{owner}.selection must be one of {SELECTIONS}, got {self.selection!r} "
                              "(attention-map scores need the attention matrix, which fused attention never forms)")
-        for name in ("soft_fresh_weight", "spatial_bonus"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or value < 0:
-                raise ValueError(f"{owner}.{name} must be a number >= 0, got {value!r}")
-        if not isinstance(self.interval_weight, (int, float)):
-            raise ValueError(f"{owner}.interval_weight must be a number, got {self.interval_weight!r}")
+        check_number(owner, "soft_fresh_weight", self.soft_fresh_weight, 0.0)
+        check_number(owner, "spatial_bonus", self.spatial_bonus, 0.0)
+        # I = N / (1 + w - 2w·x/T) needs a positive denominator at every step: -1 < w < 1
+        check_number(owner, "interval_weight", self.interval_weight, -1.0, 1.0, open_interval=True)
+        check_bool(owner, "count_down", self.count_down)
         check_int(owner, "spatial_grid", self.spatial_grid, 0)
         check_int(owner, "k_multiple", self.k_multiple, 1)
         check_int(owner, "warmup", self.warmup, 0)
         if self.ratio_schedule is not None and not isinstance(self.ratio_schedule, RatioSchedule):
             raise ValueError(f"{owner}.ratio_schedule must be a RatioSchedule, got {self.ratio_schedule!r}")
-        forced = tuple(tuple(f) for f in self.forced_interval)
-        if any(len(f) != 3 or not all(isinstance(v, int) for v in f) or f[2] < 1 for f in forced):
-            raise ValueError(f"{owner}.forced_interval must be ((lo, hi, interval>=1), ...), got {self.forced_interval!r}")
-        object.__setattr__(self, "forced_interval", forced)
+        forced = self.forced_interval
+        if not isinstance(forced, (tuple, list)) or any(
+                not isinstance(f, (tuple, list)) or len(f) != 3 or
+                not all(isinstance(v, int) and not isinstance(v, bool) for v in f) or f[2] < 1 for f in forced):
+            raise ValueError(f"{owner}.forced_interval must be ((lo, hi, interval>=1), ...) of ints, "
+                             f"got {self.forced_interval!r}")
+        object.__setattr__(self, "forced_interval", tuple(tuple(f) for f in forced))
 
     @property
     def needs_num_steps(self) -> bool:

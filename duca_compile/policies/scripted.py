@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .base import CacheConfig, CachePolicy, Mode, StepPlan, register_policy
+from .base import CacheConfig, CachePolicy, Mode, StepPlan, check_unit, register_policy
 
 __all__ = ["ScriptedConfig", "ScriptedPolicy"]
 
@@ -20,10 +20,10 @@ class ScriptedConfig(CacheConfig):
     def __post_init__(self):
         super().__post_init__()
         valid = tuple(m.value for m in Mode)
-        if not self.modes or any(m not in valid for m in self.modes):
+        if not isinstance(self.modes, (tuple, list)) or not self.modes or \
+                any(not isinstance(m, str) or m not in valid for m in self.modes):
             raise ValueError(f"ScriptedConfig.modes must be a non-empty tuple of {valid}, got {self.modes!r}")
-        if not isinstance(self.ratio, (int, float)) or not 0.0 <= self.ratio <= 1.0:
-            raise ValueError(f"ScriptedConfig.ratio must be in [0, 1], got {self.ratio!r}")
+        check_unit("ScriptedConfig", "ratio", self.ratio)
         object.__setattr__(self, "modes", tuple(self.modes))
 
 
