@@ -21,6 +21,7 @@ import torch.fx as fx
 from . import owners
 from .passes import CacheLayout, build_variant, find_sites, probe_subsets
 from .passes.graph_paths import graph_fake_mode, source_name as _source_name
+from .passes.specialize_shapes import is_dynamic, specialize_shapes
 from .policies import CacheConfig, DuCaConfig, make_policy
 from .runner import GraphRunner
 from .runtime import StateLookup, TimestepClock, UncachedCall
@@ -87,6 +88,13 @@ class DuCaBackend:
     def __call__(self, gm: fx.GraphModule, example_inputs, mode: str | None = None, options: dict | None = None):
         settings, inductor_options = self.settings(mode, options)
         compile_variant = _inner_compiler(settings.inner, settings.mode, inductor_options)
+        if is_dynamic(example_inputs) and not torch.is_grad_enabled():
+            # caches need static shapes: specialise this graph per concrete shape, at run time
+            return ShapeSpecializer(gm, lambda g, ex: self._compile(g, ex, settings, compile_variant))
+        return self._compile(gm, example_inputs, settings, compile_variant)
+
+    def _compile(self, gm: fx.GraphModule, example_inputs, settings: Settings, compile_variant):
+        """The runner for a graph with static shapes (or a plain compile, wrapped, saying why not)."""
         params = [i for i, x in enumerate(example_inputs) if isinstance(x, torch.nn.Parameter)]
         if not params:
             _warn_plain("the graph has no parameters, so it cannot be tied to a model", settings.inner)
@@ -131,6 +139,23 @@ class DuCaBackend:
         log.info("duca: %d sites in %d blocks; stack outputs %s", len(sitemap.sites), len(sitemap.blocks),
                  sitemap.stack_outputs)
         return GraphRunner(resolve, settings, sitemap, layout, build, timestep_index=ts, user_indices=user)
+
+
+class ShapeSpecializer:
+    """Serves a graph Dynamo made dynamic: each concrete input shape gets a static copy of the
+    graph (``passes.specialize_shapes``), compiled and cached like a graph traced with static shapes."""
+
+    def __init__(self, gm: fx.GraphModule, compile_static):
+        self.gm, self.compile_static = gm, compile_static
+        self.by_shape: dict[tuple, object] = {}
+
+    def __call__(self, *args):
+        key = tuple((tuple(a.shape), a.stride(), a.dtype, a.device) if isinstance(a, torch.Tensor) else a
+                    for a in args if not isinstance(a, torch.nn.Parameter))
+        fn = self.by_shape.get(key)
+        if fn is None:
+            fn = self.by_shape[key] = self.compile_static(specialize_shapes(self.gm, args), list(args))
+        return fn(*args)
 
 
 def duca_backend(*args, **kwargs):
@@ -261,10 +286,6 @@ def _timestep_index(placeholders, user: list[int], module) -> int | None:
 
 
 def _unsupported(example_inputs) -> str:
-    for x in example_inputs:
-        if isinstance(x, torch.SymInt) or (isinstance(x, torch.Tensor) and
-                                           any(isinstance(s, torch.SymInt) for s in x.shape)):
-            return "dynamic shapes: compile with torch.compile(..., dynamic=False) so each shape gets static caches"
     if torch.is_grad_enabled():
         return "grad mode is on: run the model under torch.no_grad() or torch.inference_mode()"
     return ""

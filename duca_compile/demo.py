@@ -63,12 +63,17 @@ def sample(model, make_scheduler, steps, noise, labels):
     return x.clamp(-1, 1)
 
 
-def timed(fn, repeats):
+def timed(fn, repeats, label: str = ""):
+    """(last result, median seconds) of ``repeats`` calls; with ``label``, one progress line per call."""
     times = []
-    for _ in range(repeats):
+    for i in range(repeats):
+        if label:
+            print(f"  {label}" + (f", request {i + 1}/{repeats}" if repeats > 1 else "") + " ...", end="", flush=True)
         start = time.perf_counter()
         result = fn()
         times.append(time.perf_counter() - start)
+        if label:
+            print(f" {times[-1]:.1f} s", flush=True)
     return result, sorted(times)[len(times) // 2]
 
 
@@ -103,7 +108,7 @@ def write_image_rows(path, rows: dict, title: str = "", column_titles=None, colu
     plt.close(fig)
 
 
-def main(argv=None):
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="digits", choices=["digits", "tiny"])
     p.add_argument("--method", default="duca", choices=sorted(METHODS))
@@ -114,8 +119,13 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--inner", default="inductor", choices=["inductor", "eager"],
                    help="compiler for both plain and duca variants (eager: mechanics only, no speed)")
-    p.add_argument("--out", default="duca_demo.png", help="side-by-side PNG of the samples ('' to skip)")
-    args = p.parse_args(argv)
+    p.add_argument("--out", default="duca_demo.png",
+                   help="side-by-side PNG of the samples ('' to skip); the default is git-ignored")
+    return p
+
+
+def main(argv=None):
+    args = parser().parse_args(argv)
 
     model, make_scheduler, noise, labels, what = _setup(args.model, args.layers)
     config = METHODS[args.method](args)
@@ -123,14 +133,17 @@ def main(argv=None):
     fast = torch.compile(model, backend=duca_backend(config, inner=args.inner), fullgraph=True, dynamic=False)
 
     with torch.no_grad():
-        print(f"{what}, DDIM {args.steps} steps; {config}")
-        eager, t_eager = timed(lambda: sample(model, make_scheduler, args.steps, noise, labels), 1)
-        _, warm_plain = timed(lambda: sample(plain, make_scheduler, args.steps, noise, labels), 1)
-        _, warm_duca = timed(lambda: sample(fast, make_scheduler, args.steps, noise, labels), 1)
+        print(f"{what}, DDIM {args.steps} steps; {config}", flush=True)
+        run = lambda m: lambda: sample(m, make_scheduler, args.steps, noise, labels)  # noqa: E731
+        eager, t_eager = timed(run(model), 1, "eager")
+        compiles = "one compile" if args.inner == "eager" else "a cold Inductor compile takes ~30 s on 2 cores"
+        print(f"warm-up requests: compiling plain {args.inner} and duca's variants ({compiles})", flush=True)
+        _, warm_plain = timed(run(plain), 1, f"plain {args.inner} warm-up")
+        _, warm_duca = timed(run(fast), 1, "duca warm-up")
         print(f"warm-up (compile) request: plain {args.inner} {warm_plain:.1f} s, duca {warm_duca:.1f} s")
-        ref, t_plain = timed(lambda: sample(plain, make_scheduler, args.steps, noise, labels), args.repeats)
+        ref, t_plain = timed(run(plain), args.repeats, f"plain {args.inner}")
         calls_before = duca_compile.stats(fast)["calls"]
-        out, t_duca = timed(lambda: sample(fast, make_scheduler, args.steps, noise, labels), args.repeats)
+        out, t_duca = timed(run(fast), args.repeats, "duca")
 
     stats = duca_compile.stats(fast)
     plan = duca_compile.explain(fast, as_text=False, num_steps=args.steps)[0]["plan"]
