@@ -51,3 +51,27 @@ def test_inductor_method_variants_equal_oracle(family, config):
     model, fast = compile_tiny(family, config, inner="inductor")
     modes = run_against_oracle(family, model, fast, timesteps(7), atol=1e-4)
     assert len(set(modes)) >= 2 and duca_compile.stats(fast)["cache_hits"] > 0
+
+
+def test_inductor_two_instances_one_backend_and_a_batch_change():
+    """Two models behind one Inductor-compiled backend, compiled without dynamic=False and then
+    given another batch size (Dynamo goes dynamic; duca specialises per shape): every call equals
+    the same sequence run with eager variants, and each model's caches hit."""
+    def run(inner):
+        torch._dynamo.reset()
+        models = [make_model("dit", seed=s) for s in (1, 2)]
+        backend = duca_compile.duca_backend(FORAConfig(interval=2), inner=inner)
+        fasts = [torch.compile(m, backend=backend) for m in models]
+        outs = []
+        for batch in (2, 3):
+            for i, t in enumerate(timesteps(3)):
+                for m, f in zip(models, fasts):
+                    outs.append(f(**make_inputs("dit", m, batch=batch, timestep=t, seed=i))[0])
+        return outs, [duca_compile.stats(f, flops=False) for f in fasts]
+
+    reference, _ = run("eager")
+    outs, stats = run("inductor")
+    for i, (a, b) in enumerate(zip(outs, reference)):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4, msg=lambda m: f"call {i}: {m}")
+    for s in stats:
+        assert s["calls"] == 6 and s["steps"]["reuse"] == 2 and s["uncached"] == []
