@@ -9,45 +9,25 @@ looks its caching state up from the weights it carries (``owners``), never from 
 """
 from __future__ import annotations
 
-import inspect
 import logging
-import re
 import warnings
-from dataclasses import dataclass
+import weakref
 
 import torch
 import torch.fx as fx
 
 from . import owners
 from .passes import CacheLayout, build_variant, find_sites, probe_subsets
-from .passes.graph_paths import graph_fake_mode, source_name as _source_name
+from .passes.graph_paths import graph_fake_mode, source_name as _source_name, timestep_input
 from .passes.specialize_shapes import is_dynamic, specialize_shapes
 from .policies import CacheConfig, DuCaConfig, make_policy
 from .runner import GraphRunner
 from .runtime import StateLookup, TimestepClock, UncachedCall
+from .settings import Settings, check_inductor_settings, inner_compiler
 
-__all__ = ["duca_backend", "DuCaBackend", "Settings", "settings_of", "INNER_COMPILERS", "TIMESTEP_NAMES"]
+__all__ = ["duca_backend", "DuCaBackend", "Settings", "settings_of"]
 
 log = logging.getLogger(__name__)
-
-# Forward arguments whose value marks the denoising step.
-TIMESTEP_NAMES = ("timestep", "timesteps", "t", "sigma", "sigmas")
-INNER_COMPILERS = ("inductor", "eager", "aot_eager")
-_OWN_OPTIONS = ("config", "inner")
-
-
-@dataclass(frozen=True)
-class Settings:
-    """What a model's caching state is keyed by, with the model instance: a configured backend
-    object is its own setting (two ``duca_backend(cfg)`` objects give two states, as Dynamo gives
-    them two graphs); the bare ``duca_backend`` and ``backend="duca"`` are keyed by their values."""
-
-    config: CacheConfig
-    inner: str = "inductor"
-    mode: str | None = None
-    options: tuple = ()          # Inductor options as sorted (key, repr(value)) pairs
-    backend: object = None       # the DuCaBackend object; None for the bare function / the name
-
 
 class DuCaBackend:
     """A configured backend. ``inner`` compiles each variant: "inductor" (default), or "eager" /
@@ -77,9 +57,7 @@ class DuCaBackend:
         if not isinstance(config, CacheConfig):
             raise ValueError(f"options['config'] must be a CacheConfig such as DuCaConfig(...), "
                              f"got {type(config).__name__}")
-        if not isinstance(inner, str) or inner not in INNER_COMPILERS:
-            raise ValueError(f"inner must be one of {INNER_COMPILERS}, got {inner!r}")
-        _check_inductor_settings(inner, mode, options)
+        check_inductor_settings(inner, mode, options)
         key = tuple(sorted((k, repr(v)) for k, v in options.items()))
         backend = None if self is globals().get("_DEFAULT") else self
         return Settings(config, inner, mode if mode != "default" else None, key, backend), options
@@ -87,30 +65,32 @@ class DuCaBackend:
     # torch.compile(..., mode=, options=) hands these over as keyword arguments.
     def __call__(self, gm: fx.GraphModule, example_inputs, mode: str | None = None, options: dict | None = None):
         settings, inductor_options = self.settings(mode, options)
-        compile_variant = _inner_compiler(settings.inner, settings.mode, inductor_options)
+        compile_variant = inner_compiler(settings.inner, settings.mode, inductor_options)
+        module = _compiling_module(example_inputs)
         if is_dynamic(example_inputs) and not torch.is_grad_enabled():
             # caches need static shapes: specialise this graph per concrete shape, at run time
-            return ShapeSpecializer(gm, lambda g, ex: self._compile(g, ex, settings, compile_variant))
-        return self._compile(gm, example_inputs, settings, compile_variant)
+            ref = weakref.ref(module) if module is not None else (lambda: None)     # never keep it alive
+            return ShapeSpecializer(gm, lambda g, ex: self._compile(g, ex, settings, compile_variant, ref()))
+        return self._compile(gm, example_inputs, settings, compile_variant, module)
 
-    def _compile(self, gm: fx.GraphModule, example_inputs, settings: Settings, compile_variant):
-        """The runner for a graph with static shapes (or a plain compile, wrapped, saying why not)."""
+    def _compile(self, gm: fx.GraphModule, example_inputs, settings: Settings, compile_variant, module):
+        """The runner for a graph with static shapes (or a plain compile, wrapped, saying why not);
+        ``module``: the module Dynamo compiled the graph from, when known."""
         params = [i for i, x in enumerate(example_inputs) if isinstance(x, torch.nn.Parameter)]
         if not params:
             _warn_plain("the graph has no parameters, so it cannot be tied to a model", settings.inner)
             return compile_variant(gm, example_inputs)
         anchor = example_inputs[params[0]]
-        module = _compiling_module(anchor)
         if module is not None and owners.lookup(anchor) is None:
             owners.tie(anchor, module)
         resolve = StateLookup(settings, params[0], self.on_state)
         placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
         user = [i for i, (n, x) in enumerate(zip(placeholders, example_inputs))
                 if not isinstance(x, torch.nn.Parameter) and "_buffers" not in _source_name(n)]
-        ts = _timestep_index(placeholders, user, module)
+        ts = timestep_input(placeholders, user, module)
 
-        why = _unsupported(example_inputs)
-        if why:                                # the model's cached graphs cannot serve this call
+        if torch.is_grad_enabled():            # the model's cached graphs cannot serve this call
+            why = "grad mode is on: run the model under torch.no_grad() or torch.inference_mode()"
             _warn_plain(why, settings.inner)
             return UncachedCall(resolve, compile_variant(gm, example_inputs), why, counts_step=True,
                                 timestep_index=ts)
@@ -215,36 +195,15 @@ def _closure_value(fn, name: str):
     return fn.__closure__[code.co_freevars.index(name)].cell_contents
 
 
-def _check_inductor_settings(inner: str, mode, options: dict) -> None:
-    if inner != "inductor":
-        if options or mode not in (None, "default"):
-            raise ValueError(f"mode and options are Inductor's, but inner={inner!r} compiles nothing with "
-                             f"Inductor (got mode={mode!r}, options={sorted(options)}); "
-                             f"duca's own options are {_OWN_OPTIONS}")
-        return
-    if mode is None and not options:
-        return
-    from torch._inductor import list_mode_options, list_options
-
-    if mode is not None:
-        try:
-            list_mode_options(mode)
-        except RuntimeError as e:
-            raise ValueError(f"mode: {e}") from None
-    unknown = sorted(set(options) - set(list_options()))
-    if unknown:
-        raise ValueError(f"options {unknown} are neither duca's {_OWN_OPTIONS} nor Inductor config keys "
-                         "(torch._inductor.list_options())")
-
-
 def _warn_plain(why: str, inner: str, hint: str = "") -> None:
     warnings.warn(f"duca: no caching for this graph ({why}); compiling it plainly with {inner}{hint}",
                   stacklevel=3)
 
 
-def _compiling_module(anchor) -> torch.nn.Module | None:
-    """The module whose forward Dynamo is compiling, when it holds ``anchor`` (pieces of one model
-    split by graph breaks then share one owner)."""
+def _compiling_module(example_inputs) -> torch.nn.Module | None:
+    """The module whose forward Dynamo is compiling, when it holds the graph's first parameter
+    (pieces of one model split by graph breaks then share one owner)."""
+    anchor = next((x for x in example_inputs if isinstance(x, torch.nn.Parameter)), None)
     try:
         from torch._dynamo.symbolic_convert import InstructionTranslator
 
@@ -252,60 +211,9 @@ def _compiling_module(anchor) -> torch.nn.Module | None:
         module = tx.f_locals.get("self") if tx is not None else None
     except Exception:  # noqa: BLE001 - outside Dynamo (or another version): the run-time lookup decides
         return None
-    if isinstance(module, torch.nn.Module) and any(p is anchor for p in module.parameters()):
+    if anchor is not None and isinstance(module, torch.nn.Module) and any(p is anchor for p in module.parameters()):
         return module
     return None
-
-
-_SOURCE = re.compile(r"L\['(\w+)'\](?:\[(\d+)\]|\['(\w+)'\])?")
-
-
-def _timestep_index(placeholders, user: list[int], module) -> int | None:
-    """The graph input that is the forward's timestep argument, by name: ``L['timestep']``,
-    ``L['kwargs']['timestep']``, or ``L['args'][3]`` mapped through the forward's signature (a
-    decorated forward, like diffusers' Flux and SD3, hides positional names behind ``*args``)."""
-    positional = []
-    if module is not None:
-        try:
-            positional = [p.name for p in inspect.signature(module.forward).parameters.values()
-                          if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-        except (TypeError, ValueError):
-            pass
-    for i in user:
-        m = _SOURCE.fullmatch(_source_name(placeholders[i]))
-        if m is None:
-            continue
-        name, index, key = m.groups()
-        if index is not None:
-            name = positional[int(index)] if name == "args" and int(index) < len(positional) else None
-        elif key is not None:
-            name = key if name == "kwargs" else None
-        if name in TIMESTEP_NAMES:
-            return i
-    return None
-
-
-def _unsupported(example_inputs) -> str:
-    if torch.is_grad_enabled():
-        return "grad mode is on: run the model under torch.no_grad() or torch.inference_mode()"
-    return ""
-
-
-def _inner_compiler(inner: str, mode: str | None, options: dict):
-    if inner == "eager":
-        return lambda gm, example_inputs: gm.forward
-    if inner == "aot_eager":
-        from torch._dynamo.backends.debugging import aot_eager
-
-        return lambda gm, example_inputs: aot_eager(gm, example_inputs)
-    from torch._inductor import list_mode_options
-    from torch._inductor.compile_fx import compile_fx
-
-    patches = {**list_mode_options(mode or "default"), **options}
-
-    def compile_inductor(gm, example_inputs):
-        return compile_fx(gm, example_inputs, config_patches=patches)
-    return compile_inductor
 
 
 _DEFAULT = DuCaBackend()      # what the bare ``backend=duca_backend`` compiles with

@@ -6,7 +6,7 @@ import torch
 
 import duca_compile
 from duca_compile import FORAConfig, ScriptedConfig
-from duca_compile.backend import _inner_compiler
+from duca_compile.settings import inner_compiler as _inner_compiler
 from duca_compile.tiny import make_inputs, make_model
 
 from helpers import FAMILIES, compile_tiny, run_against_oracle, timesteps

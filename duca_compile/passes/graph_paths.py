@@ -1,13 +1,15 @@
 """Where a Dynamo FX node sits (block, child module) and how nodes connect, from metadata only."""
 from __future__ import annotations
 
+import inspect
 import re
 
 import torch
 import torch.fx as fx
 
 __all__ = ["module_path", "block_path", "source_name", "is_sdpa", "reaches", "branch_region",
-           "ancestors_in_block", "token_count", "child_class", "graph_fake_mode", "SDPA_TARGETS"]
+           "ancestors_in_block", "token_count", "child_class", "graph_fake_mode", "timestep_input", "SDPA_TARGETS",
+           "TIMESTEP_NAMES"]
 
 SDPA_TARGETS = {torch.nn.functional.scaled_dot_product_attention,
                 torch.ops.aten.scaled_dot_product_attention.default}
@@ -116,4 +118,34 @@ def graph_fake_mode(values):
     for v in values:
         if isinstance(v, torch._subclasses.FakeTensor):
             return v.fake_mode
+    return None
+
+
+# Forward arguments whose value marks the denoising step.
+TIMESTEP_NAMES = ("timestep", "timesteps", "t", "sigma", "sigmas")
+_SOURCE = re.compile(r"L\['(\w+)'\](?:\[(\d+)\]|\['(\w+)'\])?")
+
+
+def timestep_input(placeholders, user: list[int], module) -> int | None:
+    """The graph input that is the forward's timestep argument, by name: ``L['timestep']``,
+    ``L['kwargs']['timestep']``, or ``L['args'][3]`` mapped through the forward's signature (a
+    decorated forward, like diffusers' Flux and SD3, hides positional names behind ``*args``)."""
+    positional = []
+    if module is not None:
+        try:
+            positional = [p.name for p in inspect.signature(module.forward).parameters.values()
+                          if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        except (TypeError, ValueError):
+            pass
+    for i in user:
+        m = _SOURCE.fullmatch(source_name(placeholders[i]))
+        if m is None:
+            continue
+        name, index, key = m.groups()
+        if index is not None:
+            name = positional[int(index)] if name == "args" and int(index) < len(positional) else None
+        elif key is not None:
+            name = key if name == "kwargs" else None
+        if name in TIMESTEP_NAMES:
+            return i
     return None
