@@ -37,16 +37,17 @@ class _Slot:
 
 
 class Piece:
-    """One model's share of one compiled graph: its cache slots and its calls per variant."""
+    """One model's share of one compiled graph: its cache slots and its calls per variant. It keeps
+    no reference to the runner (the key of ``ModelState.pieces``, held weakly): a graph Dynamo drops
+    frees its caches."""
 
-    def __init__(self, runner: "GraphRunner"):
-        self.runner = runner
+    def __init__(self):
         self.slots: dict[int, _Slot] = {}
         self.variant_calls: Counter = Counter()
 
-    def slot(self, index: int) -> _Slot:
+    def slot(self, index: int, runner: "GraphRunner") -> _Slot:
         if index not in self.slots:
-            self.slots[index] = _Slot(self.runner)
+            self.slots[index] = _Slot(runner)
         return self.slots[index]
 
     def cache_bytes(self) -> int:
@@ -101,7 +102,7 @@ class GraphRunner:
     def piece(self, state) -> Piece:
         piece = state.pieces.get(self)
         if piece is None:
-            piece = state.pieces[self] = Piece(self)
+            piece = state.pieces[self] = Piece()
         return piece
 
     def __call__(self, *args):
@@ -114,7 +115,7 @@ class GraphRunner:
         st.shape_keys[anchor] = shape_key
         i = self.timestep_index
         tracked = st.advance_piece((lambda: timestep_value(args[i])) if i is not None else None)
-        slot = piece.slot(st.slot)
+        slot = piece.slot(st.slot, self)
         if not tracked:
             st.stats.fallback_calls += 1
             st.warn_once("untracked", "duca: this graph has no timestep input and no duca_compile.sampling() "

@@ -196,3 +196,19 @@ def test_backend_name_works_in_a_fresh_process(import_first):
     done = _fresh_python(code)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == "imported"
+
+
+def test_caches_are_freed_with_the_graphs_dynamo_drops():
+    import gc
+    import weakref
+
+    model = make_model("dit")
+    fast = torch.compile(model, backend=duca_backend(FORAConfig(interval=2), inner="eager"), dynamic=False)
+    for t in timesteps(2):
+        fast(**make_inputs("dit", model, timestep=t))
+    (runner, piece), = state_of(fast).graphs()
+    cache = weakref.ref(piece.slots[0].caches[0])
+    del runner, piece
+    torch._dynamo.reset()
+    gc.collect()
+    assert cache() is None and state_of(fast).graphs() == []
