@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from .policies import CacheConfig
 
 __all__ = ["Settings", "INNER_COMPILERS", "OWN_OPTIONS", "check_inductor_settings", "inner_compiler"]
@@ -63,5 +65,15 @@ def inner_compiler(inner: str, mode: str | None, options: dict):
     patches = {**list_mode_options(mode or "default"), **options}
 
     def compile_inductor(gm, example_inputs):
-        return compile_fx(gm, example_inputs, config_patches=patches)
+        # Compiled lazily, outside Dynamo: give Inductor a tracing context of its own, with a shape
+        # environment (without one its FX-graph and AOT caches are bypassed) and static fake inputs
+        # (tensors Dynamo never saw would otherwise get symbolic sizes).
+        from torch._subclasses.fake_tensor import FakeTensorMode
+        from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+        fake_mode = FakeTensorMode(shape_env=ShapeEnv())
+        fakes = [fake_mode.from_tensor(x, static_shapes=True) if isinstance(x, torch.Tensor) else x
+                 for x in example_inputs]
+        with torch._guards.tracing(torch._guards.TracingContext(fake_mode)):
+            return compile_fx(gm, fakes, config_patches=patches)
     return compile_inductor

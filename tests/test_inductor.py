@@ -75,3 +75,44 @@ def test_inductor_two_instances_one_backend_and_a_batch_change():
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4, msg=lambda m: f"call {i}: {m}")
     for s in stats:
         assert s["calls"] == 6 and s["steps"]["reuse"] == 2 and s["uncached"] == []
+
+
+_WARM_START = """
+import json, sys, torch
+from torch._dynamo.utils import counters
+import duca_compile
+from duca_compile.tiny import make_inputs, make_model
+step, artifacts = sys.argv[1], sys.argv[2]
+if step == "load":
+    torch.compiler.load_cache_artifacts(open(artifacts, "rb").read())
+model = make_model("dit")
+fast = torch.compile(model, backend=duca_compile.duca_backend(duca_compile.DuCaConfig()), dynamic=False)
+with torch.no_grad():
+    outs = [fast(**make_inputs("dit", model, timestep=t, seed=i))[0].sum().item()
+            for i, t in enumerate((900.0, 800.0, 700.0))]
+if step == "save":
+    open(artifacts, "wb").write(torch.compiler.save_cache_artifacts()[0])
+print(json.dumps({"variants": duca_compile.stats(fast, flops=False)["variants_compiled"], "outs": outs,
+                  "hits": counters["inductor"]["fxgraph_cache_hit"], "misses": counters["inductor"]["fxgraph_cache_miss"]}))
+"""
+
+
+def test_warm_starts_load_every_variant_from_inductors_caches(tmp_path):
+    """A second process with the same cache directory, and one that loads the artifacts saved by
+    torch.compiler.save_cache_artifacts() into an empty one, compile no variant again."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    def process(step, cache_dir):
+        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / cache_dir)}
+        done = subprocess.run([sys.executable, "-c", _WARM_START, step, str(tmp_path / "artifacts.bin")],
+                              env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
+    cold = process("save", "cache")
+    assert cold["variants"] == 3 and cold["misses"] == 3 and cold["hits"] == 0      # F, C, A
+    for warm in (process("warm", "cache"), process("load", "empty")):
+        assert warm["hits"] == 3 and warm["misses"] == 0 and warm["outs"] == cold["outs"]
