@@ -47,7 +47,7 @@ class Stats:
     cache_hits: int = 0          # site (or stack) outputs read from a cache instead of computed
     shape_resets: int = 0        # caches dropped because batch, resolution or dtype changed
     fallback_calls: int = 0      # calls run FULL because no step could be tracked
-    uncached_calls: int = 0      # calls served by a graph that runs plainly (grad mode, dynamic shapes)
+    uncached_calls: int = 0      # calls a cached model ran plainly (grad mode)
     block_hits: Counter = field(default_factory=Counter)   # block -> site outputs it read from a cache
     variants_compiled: int = 0
     compile_seconds: float = 0.0
@@ -282,7 +282,7 @@ class TimestepClock:
 
 class UncachedCall:
     """Wraps a graph of a model that runs plainly, and says why in ``stats``. With ``counts_step``
-    (grad mode, dynamic shapes: the model's cached graphs exist but cannot serve this call) the call
+    (grad mode: the model's cached graphs exist but cannot serve this call) the call
     still counts as a step of the request, from its timestep or the driver, and the caches, which
     it did not write, are stale for the next cached call."""
 
