@@ -1,4 +1,4 @@
-"""``python -m benchmarks train|fidelity|speed|flops|plot [--quick] [--device cuda]``
+"""``python -m benchmarks train|fidelity|speed|flops|subset_k|dispatch|plot [--quick] [--device cuda]``
 
 Results land in ``benchmarks/results/`` as markdown (with the device and versions), JSON and PNG;
 ``--quick`` runs a few-minute version of each on the CPU (its files get a ``_quick`` suffix).
@@ -122,6 +122,47 @@ def flops(args) -> None:
     print(path.read_text())
 
 
+def subset_k(args) -> None:
+    """One SUBSET compile with symbolic k against one compile per k (and per k bucket)."""
+    from .subset_k import BUCKETS, run
+
+    sizes = ["tiny"] if args.quick else ["digits (trained)", "DiT-B-like"]
+    ks = (12, 38) if args.quick else (12, 38, 77, 154)
+    rows = run(sizes, ks, calls=5 if args.quick else 30, progress=_progress())
+    columns = {"size": ("size", "{}"), "k": ("k", "{}"), "static ms": ("static_ms", "{:.2f}"),
+               "symbolic ms": ("symbolic_ms", "{:.2f}"), "symbolic / static": ("ratio", "{:.3f}"),
+               "bucket": ("bucket", "{}"), "bucket / static": ("bucket_ratio", "{:.3f}"),
+               "static compile s": ("static_compile_s", "{:.1f}"), "symbolic compile s (all k)": ("symbolic_compile_s", "{:.1f}")}
+    text = (f"The SUBSET variant with every token-wise site at k tokens (batch 2), Inductor, cold cache per "
+            f"compile. Per-call time: median of {5 if args.quick else 30} calls of the compiled variant alone, "
+            f"the candidates' calls interleaved. Static: one compile per k; symbolic: one compile for every k "
+            f"(what duca does). Bucket: the static variant at k rounded up to {BUCKETS}, over the static time "
+            f"at k (what rounding k up costs per call; it still compiles once per bucket and per-site bucket "
+            f"tuple).\n\n"
+            + markdown_table(rows, columns) + "\n")
+    name = "subset_k" + _suffix(args.quick)
+    path = write(args.out, name, "SUBSET: one compile for every k, or one per k", text, rows, environment())
+    print(path.read_text())
+
+
+def dispatch(args) -> None:
+    """Per call and mode: the compiled variant's time against the host time around it."""
+    from .dispatch import run
+
+    methods = ("fora", "duca") if args.quick else ("fora", "toca", "duca", "taylorseer", "clusca")
+    rows = run(methods, steps=10 if args.quick else 50, progress=_progress())
+    columns = {"method": ("method", "{}"), "mode": ("mode", "{}"), "calls": ("calls", "{}"),
+               "call ms": ("call_ms", "{:.2f}"), "variant ms": ("variant_ms", "{:.2f}"),
+               "host ms": ("host_ms", "{:.3f}"), "variant / FULL": ("vs_full", "{:.3f}"),
+               "FLOPs / FULL": ("flops_vs_full", "{:.3f}")}
+    text = ("One request after a warm-up one, trained digits DiT, batch 2, Inductor, the DiT presets. Call: "
+            "the model call as the sampler sees it; variant: the compiled variant alone; host: the rest "
+            "(Dynamo's frame guards and duca's runner), medians per mode.\n\n" + markdown_table(rows, columns) + "\n")
+    name = "dispatch" + _suffix(args.quick)
+    path = write(args.out, name, "Dispatch: variant time against host time per call", text, rows, environment())
+    print(path.read_text())
+
+
 def replot(args) -> None:
     """Redraw the plots from the JSON results (the sample grid needs a run: its samples are not kept)."""
     import json
@@ -148,7 +189,8 @@ def main(argv=None) -> None:
     redraw = sub.add_parser("plot", help=replot.__doc__.split(" (")[0])
     redraw.add_argument("--out", type=pathlib.Path, default=RESULTS)
     redraw.set_defaults(fn=replot)
-    for name, fn in (("fidelity", fidelity), ("speed", speed), ("flops", flops)):
+    for name, fn in (("fidelity", fidelity), ("speed", speed), ("flops", flops), ("subset_k", subset_k),
+                     ("dispatch", dispatch)):
         p = sub.add_parser(name, help=(fn.__doc__ or name).strip())
         p.add_argument("--quick", action="store_true", help="a few minutes on the CPU")
         p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])

@@ -21,6 +21,7 @@ from .passes import CacheLayout, build_variant, find_sites, probe_subsets
 from .passes.graph_paths import graph_fake_mode, source_name as _source_name, timestep_input
 from .passes.specialize_shapes import is_dynamic, specialize_shapes
 from .policies import CacheConfig, DuCaConfig, make_policy
+from .policies.base import MIN_SUBSET
 from .runner import GraphRunner
 from .runtime import StateLookup, TimestepClock, UncachedCall
 from .settings import Settings, check_inductor_settings, inner_compiler
@@ -110,15 +111,38 @@ class DuCaBackend:
         fake_mode = graph_fake_mode(n.meta.get("example_value") for n in gm.graph.nodes) \
             or torch._guards.detect_fake_mode(example_inputs)
 
-        def build(actions, skip):
-            variant = build_variant(gm, sitemap, layout, actions, skip, fake_mode)
-            extra = [torch.zeros(c.shape, dtype=c.dtype, device=c.device) for c in layout.caches]
-            extra += [torch.zeros(s.shape, dtype=s.dtype, device=s.device) for s in layout.inputs(actions)]
-            return compile_variant(variant, [*example_inputs, *extra]), variant
-
+        build = VariantBuilder(gm, list(example_inputs), sitemap, layout, fake_mode, compile_variant)
         log.info("duca: %d sites in %d blocks; stack outputs %s", len(sitemap.sites), len(sitemap.blocks),
                  sitemap.stack_outputs)
         return GraphRunner(resolve, settings, sitemap, layout, build, timestep_index=ts, user_indices=user)
+
+
+class VariantBuilder:
+    """Builds (passes) and compiles one variant of a graph for a plan: ``(actions, skip, generic)``
+    -> (compiled, accepts(index tensors), variant graph). ``generic``: for any SUBSET sizes, built
+    at sizes below every site's token count so that each site's token axis is told apart."""
+
+    def __init__(self, gm, example_inputs, sitemap, layout, fake_mode, compile_variant):
+        self.gm, self.example_inputs, self.sitemap, self.layout = gm, example_inputs, sitemap, layout
+        self.fake_mode, self.compile_variant = fake_mode, compile_variant
+        self.tokens = {s.name: s.tokens[0] for s in sitemap.sites}
+
+    def __call__(self, actions: dict, skip: bool, generic: bool = True):
+        if generic:
+            actions = {name: _below_all(a, self.tokens[name]) for name, a in actions.items()}
+        variant = build_variant(self.gm, self.sitemap, self.layout, actions, skip, self.fake_mode)
+        specs = self.layout.inputs(actions)
+        extra = [torch.zeros(c.shape, dtype=c.dtype, device=c.device) for c in self.layout.caches]
+        extra += [torch.zeros(s.shape, dtype=s.dtype, device=s.device) for s in specs]
+        first = len(self.example_inputs) + len(self.layout.caches)
+        token_inputs = [first + j for j, s in enumerate(specs) if s.kind == "index"] if generic else []
+        fn, accepts = self.compile_variant.compile_generic(variant, [*self.example_inputs, *extra], token_inputs)
+        return fn, accepts, variant
+
+
+def _below_all(action, tokens: int):
+    """A SUBSET size to build a generic variant at: k itself, or tokens - 1 for k = every token."""
+    return min(action, tokens - 1) if isinstance(action, int) and tokens > MIN_SUBSET else action
 
 
 class ShapeSpecializer:

@@ -67,28 +67,27 @@ def _actions_of(runner, key) -> tuple[dict, bool]:
 
 
 def _variant_graph(runner, key) -> fx.GraphModule:
-    gm = runner.variant_graphs.get(key)
-    if gm is None:                      # builds (and compiles with the runner's inner compiler) once
-        runner.variant(*_actions_of(runner, key))
-        gm = runner.variant_graphs[key]
-    return gm
+    """The graph that runs plan ``key``: compiled for it apart, or its pattern's (any SUBSET k)."""
+    if key not in runner.variant_graphs and runner.pattern(key) not in runner.variant_graphs:
+        runner.variant(*_actions_of(runner, key))     # builds (and compiles with the inner compiler) once
+    return runner.variant_graphs.get(key, runner.variant_graphs.get(runner.pattern(key)))
 
 
 def _fake_inputs(runner, gm: fx.GraphModule, key, fake_mode) -> list:
-    """One fake tensor per placeholder: shape/stride/dtype/device from its ``example_value``
-    (Dynamo's fake tensor), else from the cache layout (duca's added placeholders)."""
+    """One fake tensor per placeholder: duca's added ones shaped by the layout for this plan (a
+    pattern's graph was built at other SUBSET sizes), Dynamo's by their ``example_value``."""
     specs = {c.placeholder: c for c in runner.layout.caches}
     specs.update({s.placeholder: s for s in runner.layout.inputs(_actions_of(runner, key)[0])})
     out = []
     with fake_mode:
         for node in (n for n in gm.graph.nodes if n.op == "placeholder"):
             val = node.meta.get("example_value")
-            if isinstance(val, torch.Tensor):
-                out.append(torch.empty_strided(tuple(val.shape), tuple(val.stride()), dtype=val.dtype,
-                                               device=val.device))
-            elif node.name in specs:
+            if node.name in specs:
                 s = specs[node.name]
                 out.append(torch.empty(s.shape, dtype=s.dtype, device=s.device))
+            elif isinstance(val, torch.Tensor):
+                out.append(torch.empty_strided(tuple(val.shape), tuple(val.stride()), dtype=val.dtype,
+                                               device=val.device))
             elif val is not None and not isinstance(val, (torch.SymInt, torch.SymFloat)):
                 out.append(val)          # a Python constant input
             else:

@@ -126,4 +126,5 @@ def _variant_name(key) -> str:
     if mode is not Mode.SUBSET:
         return mode.name
     ks = sorted({a for _, a in actions if isinstance(a, int)})
-    return f"SUBSET(k={','.join(map(str, ks))}" + (f"; {computed} computed)" if computed else ")")
+    sized = f"k={','.join(map(str, ks))}" if ks else f"any k at {sum(a == 'subset' for _, a in actions)} sites"
+    return f"SUBSET({sized}" + (f"; {computed} computed)" if computed else ")")

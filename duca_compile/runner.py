@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from dataclasses import dataclass
+from types import MappingProxyType
 
 import torch
 
@@ -22,7 +24,25 @@ from .policies.base import effective_mode
 from .runtime import timestep_value
 from .taylor import TaylorClock
 
-__all__ = ["GraphRunner", "Piece"]
+__all__ = ["GraphRunner", "Piece", "SUBSET"]
+
+SUBSET = "subset"        # a SUBSET action in a variant pattern: any k
+
+
+@dataclass(frozen=True)
+class _Planned:
+    """One step's plan with everything a call derives from it alone, worked out once per
+    (step, num_steps) instead of once per call: its key, the sites it computes in full, its stats."""
+
+    plan: StepPlan
+    actions: MappingProxyType       # read-only: shared by every call of the step
+    skip: bool
+    key: tuple
+    computed: tuple          # sites whose every token is fresh after the call
+    tokens_total: int
+    tokens_computed: int
+    cache_hits: int
+    block_hits: dict
 
 
 class _Slot:
@@ -60,10 +80,13 @@ class GraphRunner:
         self.config = settings.config
         self.policy = make_policy(self.config)
         self.sitemap, self.layout = sitemap, layout
-        self.build = build                  # (actions, skip) -> (compiled callable, variant GraphModule)
+        self.build = build     # (actions, skip, generic) -> (compiled, accepts(index tensors), variant graph)
         self.timestep_index, self.user_indices = timestep_index, user_indices
-        self.variants: dict[tuple, object] = {}
-        self.variant_graphs: dict[tuple, object] = {}
+        self.variants: dict[tuple, tuple] = {}         # pattern -> (compiled, accepts(index tensors))
+        self.variant_graphs: dict[tuple, object] = {}   # pattern (or a plan compiled apart) -> graph
+        self.by_plan: dict[tuple, object] = {}          # plan key -> compiled: the per-call lookup
+        self._planned: dict[tuple, _Planned] = {}       # (step, num_steps) -> plan and what follows
+        self.compiles = 0
         self.input_specs: dict[tuple, list] = {}
         self.sites = {s.name: s for s in sitemap.sites}
 
@@ -74,25 +97,78 @@ class GraphRunner:
         actions, skip = self.policy.actions(plan, self.sitemap.sites, len(self.sitemap.blocks), step, num_steps)
         return StepPlan(effective_mode(actions, skip), plan.ratio), actions, skip
 
+    def planned(self, step: int | None, num_steps: int | None) -> _Planned:
+        """``plan_step`` with what follows from it, memoized (plans depend on nothing else);
+        ``step=None``: the FULL plan a request starts with."""
+        p = self._planned.get((step, num_steps))
+        if p is None:
+            if step is None:
+                plan, actions, skip = StepPlan(Mode.FULL), {s.name: "compute" for s in self.sitemap.sites}, False
+            else:
+                plan, actions, skip = self.plan_step(step, num_steps)
+            p = self._planned[(step, num_steps)] = self._derive(plan, actions, skip)
+        return p
+
+    def _derive(self, plan, actions, skip) -> _Planned:
+        total = computed = hits = 0
+        blocks: Counter = Counter()
+        for site in self.sitemap.sites:
+            n, a = sum(site.tokens), actions[site.name]
+            total += n
+            if a == "compute" and not skip:
+                computed += n
+                continue
+            hits += 1                  # reused, or the rows a SUBSET step did not recompute
+            blocks[site.block] += 1
+            if isinstance(a, int) and not skip:
+                computed += a
+        hits += skip                   # the stack output itself
+        fresh = () if skip else tuple(n for n, a in actions.items() if a == "compute")
+        return _Planned(plan, MappingProxyType(actions), skip, self.key(actions, skip), fresh, total, computed, hits,
+                        dict(blocks))
+
     def variant(self, actions: dict, skip: bool, key: tuple | None = None, state=None):
+        """The compiled callable for one plan. Plans differing only in their SUBSET sizes share one
+        compile (its token count k is symbolic); a k-tuple it does not accept gets its own."""
         key = key if key is not None else self.key(actions, skip)
-        fn = self.variants.get(key)
-        if fn is None:
-            start = time.perf_counter()
-            fn, self.variant_graphs[key] = self.build(actions, skip)
-            self.variants[key] = fn
-            if state is not None:
-                state.stats.variants_compiled += 1
-                state.stats.compile_seconds += time.perf_counter() - start
-                if len(self.variants) > self.config.max_variants:
-                    state.warn_once("variants", f"duca: {len(self.variants)} variants compiled for one graph "
-                                    f"(max_variants={self.config.max_variants}); each distinct per-site plan is a "
-                                    "separate compile. Use fewer distinct ratios (k_multiple) or raise max_variants.")
+        fn = self.by_plan.get(key)
+        if fn is not None:
+            return fn
+        pattern = self.pattern(key)
+        if pattern not in self.variants:
+            self.variants[pattern] = self._compile(actions, skip, pattern, True, state)
+        fn, accepts = self.variants[pattern]
+        if pattern != key and not accepts(self._index_examples(actions)):
+            fn = self._compile(actions, skip, key, False, state)[0]
+        self.by_plan[key] = fn
         return fn
+
+    def _compile(self, actions, skip, name, generic: bool, state):
+        start = time.perf_counter()
+        fn, accepts, self.variant_graphs[name] = self.build(actions, skip, generic)
+        self.compiles += 1
+        if state is not None:
+            state.stats.variants_compiled += 1
+            state.stats.compile_seconds += time.perf_counter() - start
+            if self.compiles > self.config.max_variants:
+                state.warn_once("variants", f"duca: {self.compiles} variants compiled for one graph "
+                                f"(max_variants={self.config.max_variants}); each distinct pattern of "
+                                "per-site actions is a separate compile. Raise max_variants.")
+        return fn, accepts
+
+    def _index_examples(self, actions: dict) -> list[torch.Tensor]:
+        return [torch.empty(s.shape, dtype=s.dtype) for s in self.layout.inputs(actions) if s.kind == "index"]
 
     @staticmethod
     def key(actions: dict, skip: bool) -> tuple:
+        """What one plan is told apart by: per-site actions with their SUBSET sizes."""
         return (skip, tuple(sorted(actions.items())) if not skip else ())
+
+    @staticmethod
+    def pattern(key: tuple) -> tuple:
+        """A plan's key with every SUBSET size replaced by "subset": what one compile serves."""
+        skip, items = key
+        return (skip, tuple((name, SUBSET if isinstance(a, int) else a) for name, a in items))
 
     # -- one call -------------------------------------------------------------------------------
     def _shape_key(self, args) -> tuple:
@@ -121,26 +197,23 @@ class GraphRunner:
             st.warn_once("untracked", "duca: this graph has no timestep input and no duca_compile.sampling() "
                          "context is active, so every call runs FULL (no caching)")
         if not tracked or slot.epoch != st.epoch:   # nothing valid to reuse yet in this request
-            actions, skip = {s.name: "compute" for s in self.sitemap.sites}, False
-            plan = StepPlan(Mode.FULL)
+            p = self.planned(None, None)
         else:
-            plan, actions, skip = self.plan_step(st.step, st.num_steps)
+            p = self.planned(st.step, st.num_steps)
         if slot.epoch != st.epoch:
             slot.taylor.reset()
             slot.clusters = {}
-        key = self.key(actions, skip)
-        extra = self._inputs(st, slot, actions, key)
-        st.last_plan, st.last_actions, st.last_skip = plan, actions, skip
-        out = self.variant(actions, skip, key, st)(*args, *slot.caches, *extra)
-        piece.variant_calls[key] += 1
-        for name, action in actions.items():
-            if action == "compute" and not skip:
-                st.selector.full(name)         # every token of a computed site is fresh again
-        if plan.mode is Mode.FULL:
+        extra = self._inputs(st, slot, p.actions, p.key)
+        st.last_plan, st.last_actions, st.last_skip = p.plan, p.actions, p.skip
+        out = self.variant(p.actions, p.skip, p.key, st)(*args, *slot.caches, *extra)
+        piece.variant_calls[p.key] += 1
+        for name in p.computed:
+            st.selector.full(name)             # every token of a computed site is fresh again
+        if p.plan.mode is Mode.FULL:
             slot.epoch = st.epoch
             if self.layout.propagation is not None:
                 self._cluster(st, slot)
-        self._count(st, plan, actions, skip)
+        self._count(st, p)
         return out
 
     def _inputs(self, st, slot: _Slot, actions: dict, key: tuple) -> list[torch.Tensor]:
@@ -190,20 +263,11 @@ class GraphRunner:
                                               init=previous[1] if previous is not None else None,
                                               generator=st.generator(source.device))
 
-    def _count(self, st, plan, actions, skip) -> None:
+    def _count(self, st, p: _Planned) -> None:
         s = st.stats
         s.calls += 1
-        s.steps[plan.mode.value] += 1
-        for site in self.sitemap.sites:
-            n = sum(site.tokens)
-            s.tokens_total += n
-            a = actions[site.name]
-            if a == "compute" and not skip:
-                s.tokens_computed += n
-                continue
-            s.cache_hits += 1              # reused, or the rows a SUBSET step did not recompute
-            s.block_hits[site.block] += 1
-            if isinstance(a, int) and not skip:
-                s.tokens_computed += a
-        if skip:
-            s.cache_hits += 1              # the stack output itself
+        s.steps[p.plan.mode.value] += 1
+        s.tokens_total += p.tokens_total
+        s.tokens_computed += p.tokens_computed
+        s.cache_hits += p.cache_hits
+        s.block_hits.update(p.block_hits)

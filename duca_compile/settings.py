@@ -52,28 +52,62 @@ def check_inductor_settings(inner: str, mode, options: dict) -> None:
                          "(torch._inductor.list_options())")
 
 
-def inner_compiler(inner: str, mode: str | None, options: dict):
-    if inner == "eager":
-        return lambda gm, example_inputs: gm.forward
-    if inner == "aot_eager":
-        from torch._dynamo.backends.debugging import aot_eager
+class InnerCompiler:
+    """Compiles a variant graph with ``inner``. Called as ``compiler(gm, inputs)`` it gives a
+    callable for those input shapes; ``compile_generic(gm, inputs, token_inputs)`` one whose inputs at ``token_inputs``
+    (SUBSET token indices, [batch, k]) may have any k, with ``accepts(index_tensors)`` saying
+    whether a k-tuple meets what the compiler assumed (k >= 2, say)."""
 
-        return lambda gm, example_inputs: aot_eager(gm, example_inputs)
-    from torch._inductor import list_mode_options
-    from torch._inductor.compile_fx import compile_fx
+    def __init__(self, inner: str, mode: str | None, options: dict):
+        self.inner = inner
+        self.patches = {}
+        if inner == "inductor":
+            from torch._inductor import list_mode_options
 
-    patches = {**list_mode_options(mode or "default"), **options}
+            self.patches = {**list_mode_options(mode or "default"), **options}
 
-    def compile_inductor(gm, example_inputs):
-        # Compiled lazily, outside Dynamo: give Inductor a tracing context of its own, with a shape
-        # environment (without one its FX-graph and AOT caches are bypassed) and static fake inputs
-        # (tensors Dynamo never saw would otherwise get symbolic sizes).
+    def __call__(self, gm, example_inputs):
+        return self.compile_generic(gm, example_inputs, ())[0]
+
+    def compile_generic(self, gm, example_inputs, token_inputs):
+        if self.inner == "eager":              # the graph names no k: it runs on any
+            return gm.forward, _accept_any
+        # Compiled lazily, outside Dynamo: give the compiler a tracing context of its own, with a
+        # shape environment (without one Inductor's FX-graph and AOT caches are bypassed), static
+        # fake inputs (tensors Dynamo never saw would otherwise get symbolic sizes) except k.
+        from torch._dynamo.source import ConstantSource
         from torch._subclasses.fake_tensor import FakeTensorMode
-        from torch.fx.experimental.symbolic_shapes import ShapeEnv
+        from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
 
-        fake_mode = FakeTensorMode(shape_env=ShapeEnv())
-        fakes = [fake_mode.from_tensor(x, static_shapes=True) if isinstance(x, torch.Tensor) else x
-                 for x in example_inputs]
+        shape_env = ShapeEnv(duck_shape=False)         # two sites' k may differ whatever the first ones were
+        fake_mode = FakeTensorMode(shape_env=shape_env)
+        token_inputs = set(token_inputs)
+        fakes = []
+        for i, x in enumerate(example_inputs):
+            if i in token_inputs:
+                context = StatelessSymbolicContext(dynamic_sizes=[DimDynamic.STATIC, DimDynamic.DYNAMIC])
+                fakes.append(fake_mode.from_tensor(x, source=ConstantSource(f"duca_index_{i}"),
+                                                   symbolic_context=context))
+            else:
+                fakes.append(fake_mode.from_tensor(x, static_shapes=True) if isinstance(x, torch.Tensor) else x)
         with torch._guards.tracing(torch._guards.TracingContext(fake_mode)):
-            return compile_fx(gm, fakes, config_patches=patches)
-    return compile_inductor
+            if self.inner == "aot_eager":
+                from torch._dynamo.backends.debugging import aot_eager
+
+                fn = aot_eager(gm, fakes)
+            else:
+                from torch._inductor.compile_fx import compile_fx
+
+                fn = compile_fx(gm, fakes, config_patches=self.patches)
+        if not token_inputs:
+            return fn, _accept_any
+        index_fakes = [fakes[i] for i in sorted(token_inputs)]
+        return fn, lambda indices: shape_env.evaluate_guards_for_args(index_fakes, list(indices))
+
+
+def _accept_any(indices) -> bool:
+    return True
+
+
+def inner_compiler(inner: str, mode: str | None, options: dict) -> InnerCompiler:
+    return InnerCompiler(inner, mode, options)

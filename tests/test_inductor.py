@@ -6,6 +6,7 @@ import torch
 
 import duca_compile
 from duca_compile import FORAConfig, ScriptedConfig
+from duca_compile.runtime import state_of
 from duca_compile.settings import inner_compiler as _inner_compiler
 from duca_compile.tiny import make_inputs, make_model
 
@@ -44,13 +45,20 @@ def test_mode_and_options_reach_inductor(monkeypatch):
 @pytest.mark.parametrize("family, config", [
     ("dit", duca_compile.ClusCaConfig(interval=3, clusters=4, propagation=0.2, max_order=2, first_enhance=2)),
     ("pixart", duca_compile.DuCaConfig(interval=3, ratio=0.5, selection="kv-norm", soft_fresh_weight=0.25,
-                                       compute_first=1)),
+                                       compute_first=1, ratio_schedule=duca_compile.RatioSchedule(step_weight=0.9))),
 ])
 def test_inductor_method_variants_equal_oracle(family, config):
-    """Taylor forecasts, cluster propagation, value-norm caches and per-site plans through Inductor."""
+    """Taylor forecasts, cluster propagation, value-norm caches and per-site plans through Inductor;
+    PixArt's step-dependent ratio runs a new k each SUBSET step through its one symbolic compile."""
     model, fast = compile_tiny(family, config, inner="inductor")
-    modes = run_against_oracle(family, model, fast, timesteps(7), atol=1e-4)
+    with duca_compile.sampling(fast, num_steps=7):
+        modes = run_against_oracle(family, model, fast, timesteps(7), atol=1e-4)
     assert len(set(modes)) >= 2 and duca_compile.stats(fast)["cache_hits"] > 0
+    runner, piece = state_of(fast).graphs()[0]
+    sized = [k for k in piece.variant_calls if runner.pattern(k) != k]
+    assert runner.compiles == len({runner.pattern(k) for k in piece.variant_calls})
+    if family == "pixart":
+        assert len(sized) == 2 and len({runner.pattern(k) for k in sized}) == 1       # 2 k, 1 compile
 
 
 def test_inductor_two_instances_one_backend_and_a_batch_change():

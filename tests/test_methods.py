@@ -158,7 +158,7 @@ def test_explain_shows_the_plan_of_every_step_and_per_site_variants():
         fast(**make_inputs("pixart", model, timestep=t))
     text = duca_compile.explain(fast, num_steps=6)
     assert "plan: F C P F C P" in text                     # aggressive steps keep block 0 computed
-    assert "variant SUBSET(k=8; 3 computed)" in text and "variant PARTIAL(3 computed)" in text
+    assert "variant SUBSET(any k at 2 sites; 3 computed)" in text and "variant PARTIAL(3 computed)" in text
     plan = duca_compile.explain(fast, as_text=False, num_steps=6)[0]["plan"]
     assert plan[1]["computed"]["transformer_blocks.1.ff"] == 8
 

@@ -107,7 +107,12 @@ def test_ratio_schedule_keeps_k_within_the_tokens(ratio, ws, wl, wm, tau, down, 
     layer, step = data.draw(st.integers(0, layers - 1)), data.draw(st.integers(0, steps - 1))
     site = _site("b.0.x", kind, tokens, layer)
     k = policy.site_k(site, layers, StepPlan(Mode.SUBSET, ratio), step, steps)
-    assert 0 <= k <= tokens and k % multiple == 0
+    assert 0 <= k <= tokens and (k % multiple == 0 or k == 1)         # 1: a positive ratio rounded away
+    actions, _ = policy.actions(StepPlan(Mode.SUBSET, ratio), [site], layers, step, steps)
+    ran = actions[site.name]
+    assert (ran == "reuse") == (k == 0)
+    if k:                       # what runs: at least 2 tokens (one compile serves k >= 2), at most all
+        assert min(2, tokens) <= ran <= tokens and (ran == k or ran == min(2, tokens))
 
 
 def test_dit_ratio_schedule_never_subsets_attention_and_reuses_early_mlp():

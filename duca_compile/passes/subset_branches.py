@@ -102,6 +102,9 @@ class _TokenCopy:
         self.n = _value(source).shape[1]
         self.env: dict[fx.Node, fx.Node] = {source: self.gather(source, 1)}
         self.gathered: dict[tuple, fx.Node] = {}
+        # k read off the index at run time, for a size list that already holds a -1 (dead code if none)
+        self.k_node = graph.call_method("size", (idx, 1))
+        self.k_node.meta["example_value"] = self.k
 
     def gather(self, x: fx.Node, axis: int, ndim: int | None = None) -> fx.Node:
         """``x`` gathered along ``axis`` with the per-sample indices; a value without a batch axis is
@@ -114,9 +117,9 @@ class _TokenCopy:
             shape[0] = self.batch
             x = _emit(g, aten.expand.default, (x, list(shape)))
         view = [self.batch] + [1] * (ndim - 1)
-        view[axis] = self.k
+        view[axis] = -1                 # no literal k: one compiled variant serves every k
         index = _emit(g, aten.view.default, (self.idx, view))
-        shape[axis] = self.k
+        shape[axis] = -1
         index = _emit(g, aten.expand.default, (index, shape))
         return _emit(g, aten.gather.default, (x, axis, index))
 
@@ -168,7 +171,7 @@ class _TokenCopy:
         if len(axes) != 1 or j is None:
             raise ValueError(f"{orig.name} reshapes the token axis away ({tuple(old_in)} -> {tuple(old_out)})")
         if sizes[j] != -1:
-            sizes[j] = self.k
+            sizes[j] = -1 if -1 not in sizes else self.k_node
         copy.args = (copy.args[0], tuple(sizes)) if packed else (copy.args[0], *sizes)
 
     def copy(self, region: list[fx.Node]) -> dict[fx.Node, fx.Node]:

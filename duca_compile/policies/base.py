@@ -132,8 +132,8 @@ class CachePolicy:
         return num_steps
 
     def site_k(self, site, layers: int, plan: StepPlan, step: int, num_steps: int | None) -> int:
-        """Tokens computed at ``site`` on a SUBSET step (0 = reuse it)."""
-        return int(plan.ratio * site.tokens[0])
+        """Tokens computed at ``site`` on a SUBSET step (0 = reuse it): a positive ratio computes some."""
+        return max(int(plan.ratio * site.tokens[0]), 1) if plan.ratio > 0 else 0
 
     def actions(self, plan: StepPlan, sites, layers: int, step: int, num_steps: int | None) -> tuple[dict, bool]:
         """Per-site actions ("compute" | "reuse" | k tokens) and whether the whole stack is skipped."""
@@ -144,13 +144,18 @@ class CachePolicy:
             if mode is Mode.FULL:
                 out[site.name], computes = "compute", True
             elif mode is Mode.SUBSET and site.subsettable:
+                # One compiled SUBSET serves every k >= 2 (sizes 0 and 1 are specialised), so a site
+                # with a positive ratio whose k rounds below 2 computes 2: the step keeps its one
+                # pattern, a little fresher.
                 k = self.site_k(site, layers, plan, step, num_steps)
-                out[site.name] = k if k > 0 else "reuse"
+                out[site.name] = min(max(k, MIN_SUBSET), site.tokens[0]) if k > 0 else "reuse"
             else:
                 out[site.name] = "reuse"
         skip = plan.mode is Mode.SKIP and not computes and not any(isinstance(a, int) for a in out.values())
         return out, skip
 
+
+MIN_SUBSET = 2      # the fewest tokens a SUBSET step computes at a site
 
 POLICIES: dict[type, type] = {}
 

@@ -34,18 +34,15 @@ _PIXART_RATIO = RatioSchedule(step_weight=0.9, layer_weight=0.6, module_weight=1
 _OPENSORA_CYCLES = (("self_attn", "FCA"), ("ff", "FCA"), ("cross_attn", "FCACCA"))
 
 
-# Step-dependent ratio schedules change k every conservative step: ~20 distinct plans (variants).
-_SCHEDULED_VARIANTS = 32
-
 
 def _dit_duca(selection):
     return DuCaConfig(interval=3, ratio=0.05, selection=selection, soft_fresh_weight=0.25, spatial_grid=2,
-                      spatial_bonus=0.8, ratio_schedule=_DIT_RATIO, max_variants=_SCHEDULED_VARIANTS, **_DIT_STEPS)
+                      spatial_bonus=0.8, ratio_schedule=_DIT_RATIO, **_DIT_STEPS)
 
 
 def _pixart_duca(selection):
     return DuCaConfig(interval=3, ratio=0.75, selection=selection, soft_fresh_weight=0.25, spatial_grid=4,
-                      spatial_bonus=0.4, ratio_schedule=_PIXART_RATIO, max_variants=_SCHEDULED_VARIANTS)
+                      spatial_bonus=0.4, ratio_schedule=_PIXART_RATIO)
 
 
 def _opensora_duca(selection):
@@ -57,7 +54,7 @@ def _opensora_duca(selection):
 PRESETS = {
     ("dit-xl-2", "fora"): (lambda: FORAConfig(interval=3), "FORA N=3, as compared in TaylorSeer's DiT table"),
     ("dit-xl-2", "toca"): (lambda: ToCaConfig(interval=3, ratio=0.07, soft_fresh_weight=0.25, spatial_grid=2,
-                                              spatial_bonus=0.6, ratio_schedule=_DIT_RATIO, max_variants=_SCHEDULED_VARIANTS,
+                                              spatial_bonus=0.6, ratio_schedule=_DIT_RATIO,
                                               **_DIT_STEPS),
                            "ToCa README, DDIM-50: N=3, R=0.07, ToCa-ddim50 ratio schedule"),
     ("dit-xl-2", "duca"): (lambda: _dit_duca("random"), "DuCa README (N=3, R=0.05, λ3=0.25), v2 random selection"),
@@ -70,7 +67,7 @@ PRESETS = {
     ("pixart-alpha", "fora"): (lambda: FORAConfig(interval=3), "FORA N=3"),
     ("pixart-alpha", "toca"): (lambda: ToCaConfig(interval=3, ratio=0.30, soft_fresh_weight=0.25, spatial_grid=4,
                                                   spatial_bonus=0.4, ratio_schedule=_PIXART_RATIO,
-                                                  interval_weight=-0.2, max_variants=_SCHEDULED_VARIANTS),
+                                                  interval_weight=-0.2),
                                "ToCa PixArt: N=3 (≈4 → 2 over the run), R=0.30"),
     ("pixart-alpha", "duca"): (lambda: _pixart_duca("random"), "DuCa README PixArt: N=3, R=0.75, λ3=0.25; v2 random"),
     ("pixart-alpha", "duca-v1"): (lambda: _pixart_duca("kv-norm"), "as 'duca' with kv-norm scores"),

@@ -102,8 +102,8 @@ class TokenConfig(CacheConfig):
     count_down (`bool`, defaults to `False`): official step index counts down (DiT's DDIM loop).
     forced_interval (`tuple`, defaults to `()`): ``((lo, hi, I), ...)``: interval forced to I for
         official steps lo <= x < hi (DiT: ``((10, 20, 2),)``).
-    k_multiple (`int`, defaults to `1`): round each site's k down to a multiple of this, so a
-        ratio schedule yields fewer distinct k (fewer compiled variants).
+    k_multiple (`int`, defaults to `1`): round each site's k down to a multiple of this (at least
+        2 tokens still run). Compile count does not depend on it: one SUBSET compile serves every k.
     warmup (`int`, defaults to `0`): the first ``warmup`` steps are FULL (ToCa-FLUX, OpenSora: 3).
     """
 
@@ -160,5 +160,7 @@ class TokenConfig(CacheConfig):
         if self.ratio_schedule is not None:
             f = self.ratio_schedule.factor(site.kind, site.layer, layers, step, num_steps)
             ratio = min(max(ratio * f, 0.0), 1.0)
+        if ratio <= 0:
+            return 0                              # a factor that reaches 0: the site is reused
         k = int(ratio * site.tokens[0])
-        return k - k % self.k_multiple
+        return max(k - k % self.k_multiple, 1)
