@@ -222,6 +222,7 @@ class GraphRunner:
         specs = self.input_specs.get(key)
         if specs is None:
             specs = self.input_specs[key] = self.layout.inputs(actions)
+        indices = self._indices(st, slot, [s for s in specs if s.kind == "index"])
         for spec in specs:
             if spec.kind == "taylor_coef":
                 coef, w = slot.taylor.tables(actions, st.step, spec.device)
@@ -229,23 +230,28 @@ class GraphRunner:
             elif spec.kind == "taylor_w":
                 out.append(w)
             elif spec.kind == "index":
-                idx = self._indices(st, slot, spec)
-                st.last_indices[spec.site] = idx
-                out.append(idx)
+                st.last_indices[spec.site] = indices[spec.site]
+                out.append(indices[spec.site])
             else:                              # "assign": the slot's cluster of every token
                 st.last_assign[spec.site] = slot.clusters[self.sites[spec.site].tokens[0]][0]
                 out.append(st.last_assign[spec.site])
         return out
 
-    def _indices(self, st, slot: _Slot, spec) -> torch.Tensor:
-        site = self.sites[spec.site]
-        batch, k = spec.shape
+    def _indices(self, st, slot: _Slot, specs: list) -> dict[str, torch.Tensor]:
+        """Per SUBSET site its ``[batch, k]`` indices: ClusCa's cluster representatives, or the
+        tokens the selector picks for every site of the step at once."""
+        if not specs:
+            return {}
         if self.layout.propagation is not None:
-            assign = slot.clusters[site.tokens[0]][0]
-            return cluster_representatives(assign, k, st.generator(torch.device(spec.device)))
-        norms = self.layout.value_norms.get(site.block)
-        score = slot.by_key[f"vnorm:{site.block}"] if norms is not None else None
-        return st.select_tokens(spec.site, batch, site.tokens[0], k, spec.device, score)
+            return {s.site: cluster_representatives(slot.clusters[self.sites[s.site].tokens[0]][0], s.shape[1],
+                                                    st.generator(torch.device(s.device))) for s in specs}
+        requests = []
+        for spec in specs:
+            site = self.sites[spec.site]
+            norms = self.layout.value_norms.get(site.block)
+            score = slot.by_key[f"vnorm:{site.block}"] if norms is not None else None
+            requests.append((spec.site, spec.shape[0], site.tokens[0], spec.shape[1], score))
+        return dict(zip((s.site for s in specs), st.select_tokens(requests, specs[0].device)))
 
     def _cluster(self, st, slot: _Slot) -> None:
         """After a FULL step: k-means per token count, on the hidden state leaving the stack when it

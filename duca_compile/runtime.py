@@ -184,16 +184,20 @@ class ModelState:
             self.generators[device] = g
         return self.generators[device]
 
-    def select_tokens(self, site: str, batch: int, tokens: int, k: int, device,
-                      value_score: torch.Tensor | None = None) -> torch.Tensor:
-        """``[batch, k]`` token indices on the device; later passes of a step reuse the first's."""
-        idx = self.step_indices.get(site)
-        if idx is not None and idx.shape == (batch, k) and self.slot > 0:
-            return idx
-        idx = self.selector.select(site, batch, tokens, k, device, self.generator(torch.device(device)),
-                                   value_score)
-        self.step_indices[site] = idx
-        return idx
+    def select_tokens(self, requests: list, device) -> list[torch.Tensor]:
+        """``[batch, k]`` token indices on the device for each ``(site, batch, tokens, k,
+        value_score)``, selected together; later passes of a step reuse the first's."""
+        out, todo = [], []
+        for site, batch, tokens, k, _ in requests:
+            idx = self.step_indices.get(site)
+            reuse = idx is not None and idx.shape == (batch, k) and self.slot > 0
+            out.append(idx if reuse else None)
+            if not reuse:
+                todo.append(len(out) - 1)
+        fresh = self.selector.select_many([requests[i] for i in todo], device, self.generator(torch.device(device)))
+        for i, idx in zip(todo, fresh):
+            out[i] = self.step_indices[requests[i][0]] = idx
+        return out
 
     def warn_once(self, key: str, message: str) -> None:
         if key not in self.warned:

@@ -2,7 +2,10 @@
 
 score = base (random, or kv-norm: normalised Σ_heads (1 − ‖v_h‖) from the last step that ran
 self-attention) + λ3 · staleness / interval (s3), then the best token of each g×g patch gets
-``+ bonus · score`` (s4). The top k are recomputed. With an even batch and ``share_cfg_indices``
+``+ bonus · score`` (s4). The top k are recomputed. A step's sites with the same batch and token
+count are scored and ranked together (one ``rand``/``topk`` for all of them, each taking its own k
+off the ranking): a handful of small ops per step instead of a handful per site, which on a GPU
+are kernel launches. With an even batch and ``share_cfg_indices``
 the two classifier-free-guidance halves share one selection (their scores averaged), as the
 official code does.
 """
@@ -23,6 +26,7 @@ class TokenSelector:
         self.interval = getattr(config, "interval", 1)
         self.grid, self.bonus = getattr(config, "spatial_grid", 0), float(getattr(config, "spatial_bonus", 0.0))
         self.staleness: dict[str, torch.Tensor] = {}
+        self._masks: dict[tuple, torch.Tensor] = {}
 
     def reset(self) -> None:
         self.staleness = {}
@@ -36,27 +40,55 @@ class TokenSelector:
 
     def select(self, site: str, batch: int, tokens: int, k: int, device, generator,
                value_score: torch.Tensor | None = None) -> torch.Tensor:
-        rows = self._rows(batch)
-        if self.selection == "kv-norm" and value_score is not None:
-            s = value_score.float()
-            s = s.view(batch // rows, rows, tokens).mean(0) if rows != batch else s
-            score = torch.nn.functional.normalize(s, dim=-1)
-        else:
-            if self.selection == "kv-norm":
+        return self.select_many([(site, batch, tokens, k, value_score)], device, generator)[0]
+
+    def select_many(self, requests: list, device, generator) -> list[torch.Tensor]:
+        """``[batch, k]`` indices for each ``(site, batch, tokens, k, value_score)``. Sites with the
+        same batch and token count are scored together, one top-k over them all (each site takes
+        the first k of the largest k's ranking), so a step's selection is a few ops, not a few per site."""
+        out: list = [None] * len(requests)
+        groups: dict[tuple, list[int]] = {}
+        for i, (site, batch, tokens, k, score) in enumerate(requests):
+            scored = self.selection == "kv-norm" and score is not None
+            if self.selection == "kv-norm" and not scored:
                 self.warn_once(f"kvnorm:{site}", f"duca: no self-attention value norms match the tokens of {site}; "
                                "it uses random selection")
-            score = torch.rand(rows, tokens, generator=generator, device=device)
+            groups.setdefault((batch, tokens, scored), []).append(i)
+        for (batch, tokens, scored), members in groups.items():
+            sites, ks = [requests[i][0] for i in members], [requests[i][3] for i in members]
+            rows = self._rows(batch)
+            if scored:
+                s = torch.stack([requests[i][4] for i in members]).float()
+                s = s.view(len(members), batch // rows, rows, tokens).mean(1) if rows != batch else s
+                score = torch.nn.functional.normalize(s, dim=-1)
+            else:
+                score = torch.rand(len(members), rows, tokens, generator=generator, device=device)
+            stale = torch.stack([self._stale(site, rows, tokens, device) for site in sites])
+            if self.soft_weight:
+                score = score + self.soft_weight * stale / self.interval
+            if self.grid and self.bonus:
+                score = self._spatial_bonus(sites[0], score.view(-1, tokens)).view(score.shape)
+            top = score.topk(max(ks), dim=-1).indices            # best first
+            # s3 bookkeeping: everyone ages one step, the recomputed tokens are fresh again.
+            fresh = torch.zeros_like(stale).scatter_(2, top, self._taken(ks, device).expand_as(top))
+            aged = (stale + 1) * (1 - fresh)
+            for j, (i, site) in enumerate(zip(members, sites)):
+                self.staleness[site] = aged[j]
+                idx = top[j, :, :ks[j]]
+                out[i] = (idx.repeat(batch // rows, 1) if rows != batch else idx).contiguous()
+        return out
+
+    def _taken(self, ks: list, device) -> torch.Tensor:
+        """[sites, 1, max k]: 1 where a rank is within the site's k (made once per k-tuple: no copy per call)."""
+        key = (tuple(ks), str(device))
+        if key not in self._masks:
+            ranks = torch.arange(max(ks)).view(1, 1, -1) < torch.tensor(ks).view(-1, 1, 1)
+            self._masks[key] = ranks.float().to(device)
+        return self._masks[key]
+
+    def _stale(self, site: str, rows: int, tokens: int, device) -> torch.Tensor:
         stale = self.staleness.get(site)
-        if stale is None or stale.shape != (rows, tokens):
-            stale = torch.zeros(rows, tokens, device=device)
-        if self.soft_weight:
-            score = score + self.soft_weight * stale / self.interval
-        if self.grid and self.bonus:
-            score = self._spatial_bonus(site, score)
-        idx = score.topk(k, dim=1).indices
-        # s3 bookkeeping: everyone ages one step, the recomputed tokens are fresh again.
-        self.staleness[site] = (stale + 1).scatter_(1, idx, 0.0)
-        return torch.cat([idx] * (batch // rows)) if rows != batch else idx
+        return stale if stale is not None and stale.shape == (rows, tokens) else torch.zeros(rows, tokens, device=device)
 
     def _spatial_bonus(self, site: str, score: torch.Tensor) -> torch.Tensor:
         rows, n = score.shape

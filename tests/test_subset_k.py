@@ -9,6 +9,8 @@ import torch
 
 import duca_compile
 from duca_compile import RatioSchedule, ToCaConfig, presets
+from duca_compile.flops import _fake_inputs, count_flops, variant_flops
+from duca_compile.passes import build_variant
 from duca_compile.runtime import state_of
 from duca_compile.settings import inner_compiler
 from duca_compile.tiny import make_inputs
@@ -58,6 +60,14 @@ def test_one_subset_compile_serves_a_new_k_every_step_and_site():
     assert len(sized) == 4 and len({runner.pattern(k) for k in sized}) == 1 and runner.compiles == 2
     ks = {a for k in sized for _, a in k[1] if isinstance(a, int)}
     assert len(ks) >= 4                                    # several k, per step and per site
+    for key in sized:               # FLOPs of each k, counted on the shared graph, are those of its own graph
+        static = build_variant(runner.build.gm, runner.sitemap, runner.layout, dict(key[1]), False,
+                               runner.build.fake_mode)
+        fake_mode = torch._subclasses.FakeTensorMode(allow_non_fake_inputs=True)
+        inputs = _fake_inputs(runner, static, key, fake_mode)
+        with fake_mode:
+            assert variant_flops(runner, key) == count_flops(static, *inputs)
+    assert len({variant_flops(runner, k) for k in sized}) > 1
     s = duca_compile.stats(fast)
     ran = sum(a for k in sized for _, a in k[1] if isinstance(a, int))
     computed = sum(sum(x.tokens) for x in runner.sitemap.sites) * 4 + ran   # 4 FULL steps, 4 SUBSET steps
