@@ -73,7 +73,7 @@ class CacheConfig:
     compute_first (`int`, defaults to `0`): the first n blocks are computed at every step (a
         per-site plan, like cache-dit's "Fn" blocks); with n > 0 no step skips the whole stack.
     max_variants (`int`, defaults to `12`): warn when a model compiles more variants than this
-        (each distinct per-site plan is one compiled graph).
+        (each distinct pattern of per-site actions is one compiled graph; SUBSET sizes share one).
     """
 
     seed: int = 0
