@@ -1,4 +1,4 @@
-"""``python -m benchmarks train|fidelity|speed|flops|subset_k|dispatch|plot [--quick] [--device cuda]``
+"""``python -m benchmarks train|fidelity|speed|flops|subset_k|dispatch|compile|plot [--quick] [--device cuda]``
 
 Results land in ``benchmarks/results/`` as markdown (with the device and versions), JSON and PNG;
 ``--quick`` runs a few-minute version of each on the CPU (its files get a ``_quick`` suffix).
@@ -163,6 +163,28 @@ def dispatch(args) -> None:
     print(path.read_text())
 
 
+def compile_cost(args) -> None:
+    """Cold and warm compile seconds per model and preset, each in a fresh process."""
+    from .compile import run
+
+    sizes = ["tiny"] if args.quick else (args.sizes or ["tiny", "digits (trained)", "DiT-B-like"])
+    methods = ("fora",) if args.quick else tuple(args.methods or ("fora", "toca", "duca", "taylorseer", "clusca"))
+    steps = 6 if args.quick else 50
+    rows = run(sizes, methods, steps=steps, progress=_progress())
+    columns = {"size": ("size", "{}"), "method": ("method", "{}"), "cold s": ("cold_s", "{:.1f}"),
+               "warm s": ("warm_s", "{:.1f}"), "variants": ("variants", "{}"),
+               "warm FX-graph hits": ("warm_hits", "{}"), "warm misses": ("warm_misses", "{}"),
+               "cold / plain": ("cold_vs_plain", "{:.2f}x"), "warm / plain warm": ("warm_vs_plain", "{:.2f}x")}
+    text = (f"Compile seconds: a process's first {steps}-step request (batch 2, Inductor) minus its second. Cold: "
+            "an empty Inductor cache directory; warm: a second process on the directory the cold one filled. "
+            "Each measurement is its own process. duca rows compile the whole model with the DiT-XL/2 presets; "
+            "duca with regional compilation is not built yet (issue 13 §2), so it has no row.\n\n"
+            + markdown_table(rows, columns) + "\n")
+    name = "compile" + _suffix(args.quick)
+    path = write(args.out, name, "Compile cost, cold and warm", text, rows, environment())
+    print(path.read_text())
+
+
 def replot(args) -> None:
     """Redraw the plots from the JSON results (the sample grid needs a run: its samples are not kept)."""
     import json
@@ -190,7 +212,7 @@ def main(argv=None) -> None:
     redraw.add_argument("--out", type=pathlib.Path, default=RESULTS)
     redraw.set_defaults(fn=replot)
     for name, fn in (("fidelity", fidelity), ("speed", speed), ("flops", flops), ("subset_k", subset_k),
-                     ("dispatch", dispatch)):
+                     ("dispatch", dispatch), ("compile", compile_cost)):
         p = sub.add_parser(name, help=(fn.__doc__ or name).strip())
         p.add_argument("--quick", action="store_true", help="a few minutes on the CPU")
         p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -200,10 +222,11 @@ def main(argv=None) -> None:
             p.add_argument("--samples", type=int)
             p.add_argument("--steps", type=int)
             p.add_argument("--guidance", type=float)
-        if name == "speed":
+        if name in ("speed", "compile"):
             p.add_argument("--sizes", nargs="+", help="default: every size of --device")
-            p.add_argument("--steps", type=int)
             p.add_argument("--methods", nargs="+", help="presets to time (default: all)")
+        if name == "speed":
+            p.add_argument("--steps", type=int)
     args = parser.parse_args(argv)
     warnings.simplefilter("ignore")
     with torch.no_grad():

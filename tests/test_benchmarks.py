@@ -61,3 +61,37 @@ def test_speed_runs_the_gpu_sizes_families(monkeypatch):
     assert methods == {"pixart": ["duca FULL only", "fora", "duca"], "flux": ["duca FULL only", "fora", "taylorseer"]}
     assert all(r.flop_ratio < 1 for r in rows if r.method in ("fora", "duca", "taylorseer"))
     assert {r.size: r.cache_mb > 0 for r in rows if r.method == "fora"} == {"pixart": True, "flux": True}
+
+
+def test_compile_cost_rows_come_from_separate_processes(monkeypatch, tmp_path):
+    """``python -m benchmarks compile``: each measurement is a process of its own (cold: empty cache
+    directory; warm: the same directory again), ratios against plain ``torch.compile``."""
+    import benchmarks.compile as cost
+
+    seen = []
+
+    def fake_process(size, method, cache_dir, steps):
+        seen.append((method, cache_dir))
+        warm = sum(m == method for m, _ in seen) == 2
+        return {"compile_s": {"plain": 10.0, "plain regional": 5.0}.get(method, 30.0) / (4 if warm else 1),
+                "variants": None if method.startswith("plain") else 2, "hits": 3 if warm else 0, "misses": 0}
+
+    monkeypatch.setattr(cost, "_process", fake_process)
+    rows = cost.run(["tiny"], ["fora"], steps=2)
+    assert [r.method for r in rows] == ["plain", "plain regional", "fora"]
+    assert [m for m, _ in seen] == ["plain", "plain", "plain regional", "plain regional", "fora", "fora"]
+    assert seen[0][1] == seen[1][1] != seen[2][1]                  # warm reuses the cold one's directory
+    assert rows[2].cold_vs_plain == 3.0 and rows[1].warm_vs_plain == 0.5 and rows[2].warm_hits == 3
+
+
+def test_compile_cost_worker_measures_one_plain_regional_compile(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-m", "benchmarks.compile", "tiny", "plain regional", "2"], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    assert out["compile_s"] > 0 and out["misses"] >= 1 and out["variants"] is None
