@@ -34,7 +34,6 @@ _PIXART_RATIO = RatioSchedule(step_weight=0.9, layer_weight=0.6, module_weight=1
 _OPENSORA_CYCLES = (("self_attn", "FCA"), ("ff", "FCA"), ("cross_attn", "FCACCA"))
 
 
-
 def _dit_duca(selection):
     return DuCaConfig(interval=3, ratio=0.05, selection=selection, soft_fresh_weight=0.25, spatial_grid=2,
                       spatial_bonus=0.8, ratio_schedule=_DIT_RATIO, **_DIT_STEPS)
