@@ -13,7 +13,7 @@ import warnings
 
 import torch
 
-from .results_io import RESULTS, environment, markdown_table, plot_tradeoff, sample_grid, write
+from .results_io import RESULTS, environment, markdown_table, plot_bars, plot_tradeoff, sample_grid, write
 
 FIDELITY_COLUMNS = {"method": ("method", "{}"), "knob": ("knob", "{}"), "PSNR (dB)": ("psnr", "{:.2f}"),
                     "SSIM": ("ssim", "{:.4f}"), "class acc.": ("accuracy", "{:.1%}"), "FD to real": ("fd", "{:.2f}"),
@@ -142,6 +142,7 @@ def subset_k(args) -> None:
             + markdown_table(rows, columns) + "\n")
     name = "subset_k" + _suffix(args.quick)
     path = write(args.out, name, "SUBSET: one compile for every k, or one per k", text, rows, environment())
+    _bar_plot(args.out, name)
     print(path.read_text())
 
 
@@ -160,6 +161,7 @@ def dispatch(args) -> None:
             "(Dynamo's frame guards and duca's runner), medians per mode.\n\n" + markdown_table(rows, columns) + "\n")
     name = "dispatch" + _suffix(args.quick)
     path = write(args.out, name, "Dispatch: variant time against host time per call", text, rows, environment())
+    _bar_plot(args.out, name)
     print(path.read_text())
 
 
@@ -182,7 +184,27 @@ def compile_cost(args) -> None:
             + markdown_table(rows, columns) + "\n")
     name = "compile" + _suffix(args.quick)
     path = write(args.out, name, "Compile cost, cold and warm", text, rows, environment())
+    _bar_plot(args.out, name)
     print(path.read_text())
+
+
+_BAR_PLOTS = {   # result name -> (group label, series, y label): drawn by the command and by ``plot``
+    "subset_k": (lambda r: f"{r['size'].split(' ')[0]} k={r['k']}",
+                 {"static": "static_ms", "symbolic": "symbolic_ms"}, "ms per call of the SUBSET variant"),
+    "dispatch": (lambda r: f"{r['method']} {r['mode']}", {"variant": "variant_ms", "host": "host_ms"},
+                 "ms per call (median)"),
+    "compile": (lambda r: f"{r['size'].split(' ')[0]} {r['method']}", {"cold": "cold_s", "warm": "warm_s"},
+                "compile seconds"),
+}
+
+
+def _bar_plot(out, name: str) -> None:
+    import json
+
+    base = name.removesuffix("_quick")
+    rows = json.loads((out / f"{name}.json").read_text())["rows"]
+    label, series, ylabel = _BAR_PLOTS[base]
+    plot_bars(rows, out / f"{name}.png", label, series, ylabel, title=name)
 
 
 def replot(args) -> None:
@@ -198,6 +220,10 @@ def replot(args) -> None:
         if (args.out / f"{name}.json").exists():
             rows = [Row(**r) for r in json.loads((args.out / f"{name}.json").read_text())["rows"]]
             plot(rows, args.out / f"{name}.png")
+    for base in _BAR_PLOTS:
+        for name in (base, base + "_quick"):
+            if (args.out / f"{name}.json").exists():
+                _bar_plot(args.out, name)
 
 
 def main(argv=None) -> None:

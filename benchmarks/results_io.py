@@ -9,7 +9,7 @@ import platform
 
 import torch
 
-__all__ = ["RESULTS", "environment", "markdown_table", "write", "plot_tradeoff", "sample_grid"]
+__all__ = ["RESULTS", "environment", "markdown_table", "write", "plot_tradeoff", "plot_bars", "sample_grid"]
 
 RESULTS = pathlib.Path(__file__).parent / "results"
 
@@ -86,3 +86,26 @@ def sample_grid(drawn: dict, labels: torch.Tensor, path: pathlib.Path, per_row: 
     from duca_compile.demo import write_image_rows
 
     write_image_rows(path, drawn, column_titles=[int(y) for y in labels[:per_row]], columns=per_row)
+
+
+def plot_bars(rows: list, path: pathlib.Path, label, series: dict, ylabel: str, title: str = "") -> None:
+    """Grouped bars: one group per row (``label(row)``), one bar per ``series`` name -> attribute."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    get = lambda r, a: getattr(r, a) if dataclasses.is_dataclass(r) else r[a]      # noqa: E731
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.7 * len(rows) + 2), 3.8))
+    width = 0.8 / len(series)
+    for j, (name, attr) in enumerate(series.items()):
+        values = [get(r, attr) or 0.0 for r in rows]
+        ax.bar([i + (j - (len(series) - 1) / 2) * width for i in range(len(rows))], values, width=width, label=name)
+    ax.set_xticks(range(len(rows)), [label(r) for r in rows], rotation=40, ha="right", fontsize=7)
+    ax.set_ylabel(ylabel, fontsize=8)
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
