@@ -173,6 +173,14 @@ def compile_cost(args) -> None:
     methods = ("fora",) if args.quick else tuple(args.methods or ("fora", "toca", "duca", "taylorseer", "clusca"))
     steps = 6 if args.quick else 50
     rows = run(sizes, methods, steps=steps, progress=_progress())
+    name = "compile" + _suffix(args.quick)
+    if args.keep_other_sizes and (args.out / f"{name}.json").exists():      # measured one size at a time
+        import json
+
+        from .compile import Row
+
+        kept = [Row(**r) for r in json.loads((args.out / f"{name}.json").read_text())["rows"] if r["size"] not in sizes]
+        rows = kept + rows
     columns = {"size": ("size", "{}"), "method": ("method", "{}"), "cold s": ("cold_s", "{:.1f}"),
                "warm s": ("warm_s", "{:.1f}"), "variants": ("variants", "{}"),
                "warm FX-graph hits": ("warm_hits", "{}"), "warm misses": ("warm_misses", "{}"),
@@ -182,7 +190,6 @@ def compile_cost(args) -> None:
             "Each measurement is its own process. duca rows compile the whole model with the DiT-XL/2 presets; "
             "duca with regional compilation is not built yet (issue 13 §2), so it has no row.\n\n"
             + markdown_table(rows, columns) + "\n")
-    name = "compile" + _suffix(args.quick)
     path = write(args.out, name, "Compile cost, cold and warm", text, rows, environment())
     _bar_plot(args.out, name)
     print(path.read_text())
@@ -253,6 +260,9 @@ def main(argv=None) -> None:
             p.add_argument("--methods", nargs="+", help="presets to time (default: all)")
         if name == "speed":
             p.add_argument("--steps", type=int)
+        if name == "compile":
+            p.add_argument("--keep-other-sizes", action="store_true",
+                           help="keep the rows of sizes not run now from the existing results")
     args = parser.parse_args(argv)
     warnings.simplefilter("ignore")
     with torch.no_grad():
