@@ -99,7 +99,8 @@ def test_the_symbolic_compile_says_which_k_it_takes():
     assert not accepts([torch.zeros(2, 1, dtype=torch.int64)])
 
 
-def test_a_k_the_compile_does_not_take_is_compiled_apart(monkeypatch):
+def test_a_k_the_compile_does_not_take_is_compiled_apart():
+    """A k-tuple the pattern's compile rejects gets a static compile of its own, equal to the oracle."""
     model, fast = compile_tiny("dit", ToCaConfig(interval=2, ratio=0.5))
     ts = timesteps(4)
     run_against_oracle("dit", model, fast, ts[:2])
