@@ -187,8 +187,9 @@ def compile_cost(args) -> None:
                "cold / plain": ("cold_vs_plain", "{:.2f}x"), "warm / plain warm": ("warm_vs_plain", "{:.2f}x")}
     text = (f"Compile seconds: a process's first {steps}-step request (batch 2, Inductor) minus its second. Cold: "
             "an empty Inductor cache directory; warm: a second process on the directory the cold one filled. "
-            "Each measurement is its own process. duca rows compile the whole model with the DiT-XL/2 presets; "
-            "duca with regional compilation is not built yet (issue 13 §2), so it has no row.\n\n"
+            "Each measurement is its own process. duca rows use the DiT-XL/2 presets: `<preset>` compiles the "
+            "whole model, `<preset> regional` each block (`compile_repeated_blocks(backend=duca)`); variants: "
+            "duca's compiles over every block graph.\n\n"
             + markdown_table(rows, columns) + "\n")
     path = write(args.out, name, "Compile cost, cold and warm", text, rows, environment())
     _bar_plot(args.out, name)

@@ -4,8 +4,9 @@ Each measurement is its own process (``python -m benchmarks.compile <size> <meth
 so nothing compiled earlier in the run is reused: cold runs get an empty Inductor cache directory,
 warm runs a second process on the directory the cold one filled. Compile seconds: the first
 50-step request minus a second one in the same process (what the first request paid beyond
-running). Rows: plain ``torch.compile``, plain regional compile (``compile_repeated_blocks``),
-duca whole-model per preset. duca regional compilation is not built yet (issue 13 §2).
+running). Rows: plain ``torch.compile``, plain regional compile (``compile_repeated_blocks``), and
+per preset duca whole-model (``torch.compile(model, backend=duca)``) and duca regional
+(``compile_repeated_blocks(backend=duca)``, a row named ``<preset> regional``).
 """
 from __future__ import annotations
 
@@ -49,17 +50,16 @@ def _measure(size: str, method: str, steps: int) -> dict:
     warnings.simplefilter("ignore")
     model = _model(size, "cpu")
     variants = None
-    if method == "plain":
-        fn = torch.compile(model, fullgraph=True, dynamic=False)
-    elif method == "plain regional":
-        if not getattr(model, "_repeated_blocks", None):
+    preset, regional = method.removesuffix(" regional"), method.endswith(" regional")
+    backend = "inductor" if preset == "plain" else duca_compile.duca_backend(duca_compile.presets("dit-xl-2", preset))
+    if regional:
+        if not getattr(model, "_repeated_blocks", None):       # diffusers declares none for DiT
             model._repeated_blocks = [type(model.transformer_blocks[0]).__name__]
-        model.compile_repeated_blocks(fullgraph=True, dynamic=False)
+        model.compile_repeated_blocks(backend=backend, fullgraph=True, dynamic=False)
         fn = model
     else:
-        config = duca_compile.presets("dit-xl-2", method)
-        fn = torch.compile(model, backend=duca_compile.duca_backend(config), fullgraph=True, dynamic=False)
-    duca = method not in ("plain", "plain regional")
+        fn = torch.compile(model, backend=backend, fullgraph=True, dynamic=False)
+    duca = preset != "plain"
     starter = request_starter(fn, steps) if duca else contextlib.nullcontext(lambda: None)
     times = []
     with torch.no_grad(), starter as before:
@@ -87,7 +87,8 @@ def run(sizes, methods, steps: int = 50, progress=lambda it, **kw: it) -> list[R
     rows = []
     for size in sizes:
         base = None
-        for method in progress(["plain", "plain regional", *methods], desc=size):
+        every = ["plain", "plain regional", *methods, *(f"{m} regional" for m in methods)]
+        for method in progress(every, desc=size):
             with tempfile.TemporaryDirectory() as cache:
                 cold = _process(size, method, cache, steps)
                 warm = _process(size, method, cache, steps)

@@ -10,6 +10,7 @@ looks its caching state up from the weights it carries (``owners``), never from 
 from __future__ import annotations
 
 import logging
+import operator
 import warnings
 import weakref
 
@@ -22,6 +23,7 @@ from .passes.graph_paths import graph_fake_mode, source_name as _source_name, ti
 from .passes.specialize_shapes import is_dynamic, specialize_shapes
 from .policies import CacheConfig, DuCaConfig, make_policy
 from .policies.base import MIN_SUBSET
+from .regional import BlockLookup, BlockRunner, block_graph_key
 from .runner import GraphRunner
 from .runtime import StateLookup, TimestepClock, UncachedCall
 from .settings import Settings, check_inductor_settings, inner_compiler
@@ -82,20 +84,24 @@ class DuCaBackend:
             _warn_plain("the graph has no parameters, so it cannot be tied to a model", settings.inner)
             return compile_variant(gm, example_inputs)
         anchor = example_inputs[params[0]]
-        if module is not None and owners.lookup(anchor) is None:
-            owners.tie(anchor, module)
-        resolve = StateLookup(settings, params[0], self.on_state)
         placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
         user = [i for i, (n, x) in enumerate(zip(placeholders, example_inputs))
                 if not isinstance(x, torch.nn.Parameter) and "_buffers" not in _source_name(n)]
-        ts = timestep_input(placeholders, user, module)
+        sitemap = find_sites(gm, type(module) if module is not None else None)
+        if sitemap.regional:                   # one block's graph: the model's pre-hook gives the step
+            lookup, ts = BlockLookup(settings, params[0], self.on_state), None
+            resolve = lookup.state
+        else:
+            if module is not None and owners.lookup(anchor) is None:
+                owners.tie(anchor, module)
+            resolve = StateLookup(settings, params[0], self.on_state)
+            ts = timestep_input(placeholders, user, module)
 
         if torch.is_grad_enabled():            # the model's cached graphs cannot serve this call
             why = "grad mode is on: run the model under torch.no_grad() or torch.inference_mode()"
             _warn_plain(why, settings.inner)
             return UncachedCall(resolve, compile_variant(gm, example_inputs), why, counts_step=True,
                                 timestep_index=ts)
-        sitemap = find_sites(gm)
         if not sitemap:
             _warn_plain(sitemap.why_empty, settings.inner,
                         " (a model split by graph breaks caches the pieces that hold its blocks: "
@@ -111,9 +117,19 @@ class DuCaBackend:
         fake_mode = graph_fake_mode(n.meta.get("example_value") for n in gm.graph.nodes) \
             or torch._guards.detect_fake_mode(example_inputs)
 
-        build = VariantBuilder(gm, list(example_inputs), sitemap, layout, fake_mode, compile_variant)
-        log.info("duca: %d sites in %d blocks; stack outputs %s", len(sitemap.sites), len(sitemap.blocks),
-                 sitemap.stack_outputs)
+        examples, strided = list(example_inputs), []
+        if sitemap.regional:
+            # Dynamo compiles the first block of a class apart (its input, the patch embedding's
+            # output, has other strides): compile for contiguous inputs, so that the graphs of one
+            # class can share their variants, and make such inputs contiguous at each call
+            strided = [i for i, x in enumerate(examples) if isinstance(x, torch.Tensor) and not x.is_contiguous()]
+            examples = [x.contiguous() if i in strided else x for i, x in enumerate(examples)]
+        build = VariantBuilder(gm, examples, sitemap, layout, fake_mode, compile_variant)
+        log.info("duca: %d sites in %d blocks%s; stack outputs %s", len(sitemap.sites), len(sitemap.blocks),
+                 " (one block's graph: regional)" if sitemap.regional else "", sitemap.stack_outputs)
+        if sitemap.regional:
+            return BlockRunner(lookup, settings, sitemap, layout, build, timestep_index=None, user_indices=user,
+                               strided=strided, share_key=(settings, *block_graph_key(gm, examples)))
         return GraphRunner(resolve, settings, sitemap, layout, build, timestep_index=ts, user_indices=user)
 
 
@@ -131,6 +147,10 @@ class VariantBuilder:
         if generic:
             actions = {name: _below_all(a, self.tokens[name]) for name, a in actions.items()}
         variant = build_variant(self.gm, self.sitemap, self.layout, actions, skip, self.fake_mode)
+        if _moves_data_only(variant):
+            # a block graph's SKIP returns a copy of its cache: nothing for a compiler to speed up,
+            # and an Inductor compile costs seconds
+            return variant.forward, _accept_any, variant
         specs = self.layout.inputs(actions)
         extra = [torch.zeros(c.shape, dtype=c.dtype, device=c.device) for c in self.layout.caches]
         extra += [torch.zeros(s.shape, dtype=s.dtype, device=s.device) for s in specs]
@@ -138,6 +158,19 @@ class VariantBuilder:
         token_inputs = [first + j for j, s in enumerate(specs) if s.kind == "index"] if generic else []
         fn, accepts = self.compile_variant.compile_generic(variant, [*self.example_inputs, *extra], token_inputs)
         return fn, accepts, variant
+
+
+_DATA_MOVES = {torch.ops.aten.empty_strided.default, torch.ops.aten.copy.default, torch.ops.aten.clone.default,
+               operator.getitem}
+
+
+def _moves_data_only(gm: fx.GraphModule) -> bool:
+    return all(n.op in ("placeholder", "output") or (n.op == "call_function" and n.target in _DATA_MOVES)
+               for n in gm.graph.nodes)
+
+
+def _accept_any(indices) -> bool:
+    return True
 
 
 def _below_all(action, tokens: int):

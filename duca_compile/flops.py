@@ -161,6 +161,10 @@ def model_flops(state) -> dict:
     out = {"flops_run": 0, "flops_full": 0, "flops_clustering": 0, "tokens_per_site": Counter()}
     for runner, piece in state.graphs():
         r = runner_flops(runner, piece.variant_calls)
+        if piece.names is not None and state.regional is not None:      # a block of a regional model
+            r["tokens_per_site"] = {piece.names[k]: v for k, v in r["tokens_per_site"].items()}
+            if not any(b.piece is piece and state.regional.is_last(b) for b in state.regional.views):
+                r["flops_clustering"] = 0          # clustered once per model call, after the last block
         for k in ("flops_run", "flops_full", "flops_clustering"):
             out[k] += r[k]
         out["tokens_per_site"].update(r["tokens_per_site"])

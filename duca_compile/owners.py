@@ -17,7 +17,7 @@ import weakref
 
 import torch
 
-__all__ = ["Owner", "lookup", "owner_of_module", "owner_of_call", "calling_module"]
+__all__ = ["Owner", "lookup", "owner_of_module", "owner_of_call", "calling_module", "modules_on_stack"]
 
 # id(anchor parameter or module) -> (weak reference to it, its Owner). Tensors compare elementwise,
 # so no WeakKeyDictionary; an entry leaves with the object it names.
@@ -31,6 +31,7 @@ class Owner:
     def __init__(self, module: torch.nn.Module | None = None):
         self.module = weakref.ref(module) if module is not None else None
         self.states: dict = {}
+        self.clock_hook = None      # regional compilation: the forward pre-hook marking each model call
 
     def __repr__(self):
         module = self.module() if self.module is not None else None
@@ -75,3 +76,19 @@ def calling_module(anchor: torch.Tensor) -> torch.nn.Module | None:
             return module
         frame = frame.f_back
     return None
+
+
+def modules_on_stack(anchor: torch.Tensor) -> list[tuple[torch.nn.Module, dict]]:
+    """Every module on the call stack that holds ``anchor``, innermost first, each with the locals
+    of its innermost frame (a block, then the model running it)."""
+    found: dict[int, tuple[torch.nn.Module, dict]] = {}
+    frame = sys._getframe(1)
+    for _ in range(_STACK_DEPTH):
+        if frame is None:
+            break
+        module = frame.f_locals.get("self")
+        if isinstance(module, torch.nn.Module) and id(module) not in found \
+                and any(p is anchor for p in module.parameters()):
+            found[id(module)] = (module, frame.f_locals)
+        frame = frame.f_back
+    return list(found.values())

@@ -81,8 +81,8 @@ def explain(model, as_text: bool = True, num_steps: int | None = None):
     ``num_steps`` (or after a request whose length is known), the plan of every step."""
     st = _require(model)
     num_steps = num_steps or st.num_steps
-    graphs = []
-    for runner, _ in st.graphs():
+    graphs = [_regional_entry(st.regional, num_steps)] if st.regional is not None else []
+    for runner, _ in st.pieces.items():
         graphs.append({
             "blocks": list(runner.sitemap.blocks),
             "sites": [{"name": s.name, "kind": s.kind, "outputs": len(s.outputs), "tokens": s.tokens,
@@ -99,8 +99,13 @@ def explain(model, as_text: bool = True, num_steps: int | None = None):
     for why in st.uncached:
         lines.append(f"uncached graph piece: {why}")
     for i, g in enumerate(graphs):
-        lines.append(f"graph {i}: {len(g['blocks'])} blocks, {len(g['sites'])} sites, "
-                     f"stack output {g['stack_outputs']}")
+        if g.get("regional"):
+            lines.append(f"regional: {len(g['blocks'])} blocks compiled one by one in {len(g['graphs'])} block "
+                         f"graphs ({', '.join(g['graphs'])}), {len(g['sites'])} sites")
+            lines.append(f"  {g['skip']}")
+        else:
+            lines.append(f"graph {i}: {len(g['blocks'])} blocks, {len(g['sites'])} sites, "
+                         f"stack output {g['stack_outputs']}")
         for s in g["sites"]:
             sub = "subset ok" if s["subset"] is True else f"no subset: {s['subset']}"
             lines.append(f"  {s['name']:45s} {s['kind']:10s} tokens={s['tokens']} ({sub})")
@@ -115,6 +120,32 @@ def explain(model, as_text: bool = True, num_steps: int | None = None):
                                  ", ".join(f"{k.rsplit('.', 2)[-2]}.{k.rsplit('.', 1)[-1]}={a}"
                                            for k, a in p["computed"].items()))
     return "\n".join(lines)
+
+
+def _regional_entry(stack, num_steps: int | None) -> dict:
+    """``explain``'s entry for a model compiled block by block: its blocks and sites under their
+    real names, each block graph's variants, and the plan the blocks share."""
+    from .regional import SKIP_IN_REGIONAL
+
+    runners = list(dict.fromkeys(r for r, _ in stack.graphs()))
+    label = {}
+    for r in runners:
+        served = [b.name for b in stack.blocks if b.runner() is r]
+        label[r] = served[0] if len(served) == 1 else f"{served[0]} ... {served[-1]} ({len(served)} blocks)"
+        if getattr(r, "leader", None) in runners:
+            label[r] += f": runs graph {runners.index(r.leader)}'s variants"
+    return {
+        "regional": True,
+        "blocks": [b.name for b in stack.blocks],
+        "graphs": [label[r] for r in runners],
+        "sites": [{"name": s.name, "kind": s.kind, "outputs": len(s.outputs), "tokens": s.tokens,
+                   "subset": s.subsettable or s.subset_reason} for s in stack.sites],
+        "stack_outputs": list(runners[-1].sitemap.stack_outputs) if runners else [],
+        "variants": {f"graph {i}: {_variant_name(k)}": count_ops(g) for i, r in enumerate(runners)
+                     if getattr(r, "leader", None) not in runners for k, g in r.variant_graphs.items()},
+        "plan": _plan(stack, num_steps),
+        "skip": SKIP_IN_REGIONAL,
+    }
 
 
 def _variant_name(key) -> str:

@@ -45,6 +45,29 @@ class _Planned:
     block_hits: dict
 
 
+def derive(plan, actions: dict, skip: bool, sites, key: tuple, local: dict | None = None,
+           stack_hit: bool = True) -> _Planned:
+    """``_Planned`` for ``sites`` (named as in ``actions``) under one plan; ``local``: the actions
+    under the graph's own site names, when those differ (a block graph); ``stack_hit``: count the
+    stack output read on a SKIP step here (once per model call)."""
+    total = computed = hits = 0
+    blocks: Counter = Counter()
+    for site in sites:
+        n, a = sum(site.tokens), actions[site.name]
+        total += n
+        if a == "compute" and not skip:
+            computed += n
+            continue
+        hits += 1                  # reused, or the rows a SUBSET step did not recompute
+        blocks[site.block] += 1
+        if isinstance(a, int) and not skip:
+            computed += a
+    hits += skip and stack_hit     # the stack output itself
+    fresh = () if skip else tuple(s.name for s in sites if actions[s.name] == "compute")
+    return _Planned(plan, MappingProxyType(local if local is not None else actions), skip, key, fresh, total,
+                    computed, hits, dict(blocks))
+
+
 class _Slot:
     def __init__(self, runner: "GraphRunner"):
         layout = runner.layout
@@ -61,9 +84,10 @@ class Piece:
     no reference to the runner (the key of ``ModelState.pieces``, held weakly): a graph Dynamo drops
     frees its caches."""
 
-    def __init__(self):
+    def __init__(self, names: dict | None = None):
         self.slots: dict[int, _Slot] = {}
         self.variant_calls: Counter = Counter()
+        self.names = names          # the graph's site names -> the model's (a block graph), or None
 
     def slot(self, index: int, runner: "GraphRunner") -> _Slot:
         if index not in self.slots:
@@ -110,22 +134,7 @@ class GraphRunner:
         return p
 
     def _derive(self, plan, actions, skip) -> _Planned:
-        total = computed = hits = 0
-        blocks: Counter = Counter()
-        for site in self.sitemap.sites:
-            n, a = sum(site.tokens), actions[site.name]
-            total += n
-            if a == "compute" and not skip:
-                computed += n
-                continue
-            hits += 1                  # reused, or the rows a SUBSET step did not recompute
-            blocks[site.block] += 1
-            if isinstance(a, int) and not skip:
-                computed += a
-        hits += skip                   # the stack output itself
-        fresh = () if skip else tuple(n for n, a in actions.items() if a == "compute")
-        return _Planned(plan, MappingProxyType(actions), skip, self.key(actions, skip), fresh, total, computed, hits,
-                        dict(blocks))
+        return derive(plan, actions, skip, self.sitemap.sites, self.key(actions, skip))
 
     def variant(self, actions: dict, skip: bool, key: tuple | None = None, state=None):
         """The compiled callable for one plan. Plans differing only in their SUBSET sizes share one
@@ -202,7 +211,8 @@ class GraphRunner:
             p = self.planned(st.step, st.num_steps)
         if slot.epoch != st.epoch:
             slot.taylor.reset()
-            slot.clusters = {}
+            slot.clusters.clear()
+        st.last_indices, st.last_assign = {}, {}
         extra = self._inputs(st, slot, p.actions, p.key)
         st.last_plan, st.last_actions, st.last_skip = p.plan, p.actions, p.skip
         out = self.variant(p.actions, p.skip, p.key, st)(*args, *slot.caches, *extra)
@@ -216,13 +226,14 @@ class GraphRunner:
         self._count(st, p)
         return out
 
-    def _inputs(self, st, slot: _Slot, actions: dict, key: tuple) -> list[torch.Tensor]:
+    def _inputs(self, st, slot: _Slot, actions: dict, key: tuple, names: dict | None = None) -> list[torch.Tensor]:
+        """The per-call inputs of plan ``key``, recorded in ``st.last_indices`` / ``last_assign``
+        under the model's site names (``names``: the graph's -> the model's, when they differ)."""
         out = []
-        st.last_indices, st.last_assign = {}, {}
         specs = self.input_specs.get(key)
         if specs is None:
             specs = self.input_specs[key] = self.layout.inputs(actions)
-        indices = self._indices(st, slot, [s for s in specs if s.kind == "index"])
+        indices = self._indices(st, slot, [s for s in specs if s.kind == "index"], names)
         for spec in specs:
             if spec.kind == "taylor_coef":
                 coef, w = slot.taylor.tables(actions, st.step, spec.device)
@@ -230,16 +241,18 @@ class GraphRunner:
             elif spec.kind == "taylor_w":
                 out.append(w)
             elif spec.kind == "index":
-                st.last_indices[spec.site] = indices[spec.site]
+                st.last_indices[names[spec.site] if names else spec.site] = indices[spec.site]
                 out.append(indices[spec.site])
             else:                              # "assign": the slot's cluster of every token
-                st.last_assign[spec.site] = slot.clusters[self.sites[spec.site].tokens[0]][0]
-                out.append(st.last_assign[spec.site])
+                assign = slot.clusters[self.sites[spec.site].tokens[0]][0]
+                st.last_assign[names[spec.site] if names else spec.site] = assign
+                out.append(assign)
         return out
 
-    def _indices(self, st, slot: _Slot, specs: list) -> dict[str, torch.Tensor]:
+    def _indices(self, st, slot: _Slot, specs: list, names: dict | None = None) -> dict[str, torch.Tensor]:
         """Per SUBSET site its ``[batch, k]`` indices: ClusCa's cluster representatives, or the
-        tokens the selector picks for every site of the step at once."""
+        tokens the selector picks for every site of the call at once (selection state is kept
+        under the model's site names)."""
         if not specs:
             return {}
         if self.layout.propagation is not None:
@@ -250,22 +263,25 @@ class GraphRunner:
             site = self.sites[spec.site]
             norms = self.layout.value_norms.get(site.block)
             score = slot.by_key[f"vnorm:{site.block}"] if norms is not None else None
-            requests.append((spec.site, spec.shape[0], site.tokens[0], spec.shape[1], score))
+            requests.append((names[spec.site] if names else spec.site, spec.shape[0], site.tokens[0], spec.shape[1],
+                             score))
         return dict(zip((s.site for s in specs), st.select_tokens(requests, specs[0].device)))
 
     def _cluster(self, st, slot: _Slot) -> None:
+        stack = [slot.by_key[f"stack:{i}"] for i in range(len(self.sitemap.stack_outputs))]
+        self.cluster_into(st, slot.clusters, stack, self.sitemap.sites, lambda site: slot.by_key[order_key(site.name, 0)])
+
+    def cluster_into(self, st, clusters: dict, stack: list, sites, cache_of) -> None:
         """After a FULL step: k-means per token count, on the hidden state leaving the stack when it
         has that many tokens, else on the last feed-forward output with that many (Flux's streams)."""
         config = self.config
-        stack = [slot.by_key[f"stack:{i}"] for i in range(len(self.sitemap.stack_outputs))]
-        for tokens in sorted({s.tokens[0] for s in self.sitemap.sites if s.subsettable}):
+        for tokens in sorted({s.tokens[0] for s in sites if s.subsettable}):
             source = next((t for t in stack if t.ndim == 3 and t.shape[1] == tokens), None)
             if source is None:
-                last = [s for s in self.sitemap.sites if s.subsettable and s.tokens[0] == tokens][-1]
-                source = slot.by_key[order_key(last.name, 0)]
+                source = cache_of([s for s in sites if s.subsettable and s.tokens[0] == tokens][-1])
             k = min(config.clusters, tokens)
-            previous = slot.clusters.get(tokens)
-            slot.clusters[tokens] = kmeans_l1(source, k, config.kmeans_iters,
+            previous = clusters.get(tokens)
+            clusters[tokens] = kmeans_l1(source, k, config.kmeans_iters,
                                               init=previous[1] if previous is not None else None,
                                               generator=st.generator(source.device))
 

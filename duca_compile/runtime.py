@@ -105,6 +105,7 @@ class ModelState:
         self.num_steps: int | None = None
         self.driver = None           # _Sampling or PipelineDriver: step/slot without reading timesteps
         self.pieces: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()   # GraphRunner -> Piece
+        self.regional = None         # regional.BlockStack: the blocks whose graphs are compiled one by one
         self.shape_keys: dict[int, tuple] = {}    # id(anchor) of a graph piece -> its last input shapes
         self.step_indices: dict[str, torch.Tensor] = {}
         self.generators: dict[torch.device, torch.Generator] = {}
@@ -127,8 +128,9 @@ class ModelState:
         return f"ModelState({self.config!r}, calls={self.stats.calls})"
 
     def graphs(self) -> list:
-        """(runner, piece) of every compiled graph that has served this model."""
-        return list(self.pieces.items())
+        """(runner, piece) of every compiled graph that has served this model (one per block
+        with regional compilation)."""
+        return list(self.pieces.items()) + (self.regional.graphs() if self.regional is not None else [])
 
     def new_request(self) -> None:
         self.epoch += 1

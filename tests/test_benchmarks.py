@@ -78,8 +78,9 @@ def test_compile_cost_rows_come_from_separate_processes(monkeypatch, tmp_path):
 
     monkeypatch.setattr(cost, "_process", fake_process)
     rows = cost.run(["tiny"], ["fora"], steps=2)
-    assert [r.method for r in rows] == ["plain", "plain regional", "fora"]
-    assert [m for m, _ in seen] == ["plain", "plain", "plain regional", "plain regional", "fora", "fora"]
+    assert [r.method for r in rows] == ["plain", "plain regional", "fora", "fora regional"]
+    assert [m for m, _ in seen] == ["plain", "plain", "plain regional", "plain regional", "fora", "fora",
+                                    "fora regional", "fora regional"]
     assert seen[0][1] == seen[1][1] != seen[2][1]                  # warm reuses the cold one's directory
     assert rows[2].cold_vs_plain == 3.0 and rows[1].warm_vs_plain == 0.5 and rows[2].warm_hits == 3
 

@@ -258,3 +258,29 @@ def test_compiled_transformer_is_swapped_back_and_shared_parts_are_refused():
     assert pipe.transformer is compiled and transformer._compiled_call_impl is None
     enable(twin, FORAConfig(interval=2), inner="eager")         # free again once the first is disabled
     disable(twin)
+
+
+@pytest.mark.parametrize("family", PIPELINE_FAMILIES)
+def test_regional_enable_caches_every_block_like_the_whole_model(family):
+    """``enable(pipe, regional=True)`` compiles each block; FORA draws no tokens, so its images equal
+    whole-model duca's, with the same hits, and ``disable`` restores every block."""
+    pipe = _pipe(family)
+    enable(pipe, FORAConfig(interval=2), inner="eager")
+    whole = _run(family, pipe)
+    whole_stats = duca_compile.stats(pipe.transformer, flops=False)
+    disable(pipe)
+    torch._dynamo.reset()
+    regional_pipe = _pipe(family)
+    enable(regional_pipe, FORAConfig(interval=2), inner="eager", regional=True)
+    blocks = [m for m in regional_pipe.transformer.modules() if m.__dict__.get("_compiled_call_impl") is not None]
+    assert blocks and regional_pipe.transformer.__dict__.get("_compiled_call_impl") is None
+    first = _run(family, regional_pipe)
+    with torch.compiler.set_stance("fail_on_recompile"):
+        second = _run(family, regional_pipe)
+    torch.testing.assert_close(first, whole, atol=1e-5, rtol=1e-5)
+    assert torch.equal(first, second)
+    s = duca_compile.stats(regional_pipe.transformer, flops=False)
+    assert s["requests"] == 2 and s["calls"] == 2 * STEPS and s["steps"]["reuse"] == STEPS
+    assert s["cache_hits"] == 2 * whole_stats["cache_hits"] and set(s["block_hits"]) == set(whole_stats["block_hits"])
+    disable(regional_pipe)
+    assert all(m.__dict__.get("_compiled_call_impl") is None for m in blocks)

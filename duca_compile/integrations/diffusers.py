@@ -75,11 +75,12 @@ class _Enabled:
     backend: _PipelineBackend
     swapped_out: torch.nn.Module | None         # pipe.transformer before enable, when it was torch.compile'd
     previous_compiled_call: object
+    blocks: list = field(default_factory=list)   # regional: (block, its _compiled_call_impl before enable)
     patches: list = field(default_factory=list)  # (object, attribute name, had own attribute, previous value)
 
 
 def enable(pipe, config: CacheConfig | str | tuple | None = None, *, inner: str = "inductor", mode: str | None = None,
-           options: dict | None = None, fullgraph: bool = False):
+           options: dict | None = None, fullgraph: bool = False, regional: bool = False):
     """Turn on feature caching for a diffusers pipeline with a ``.transformer``; returns ``pipe``.
 
     config: a ``CacheConfig`` (``FORAConfig(interval=3)``, ``DuCaConfig()``, ...); ``None`` means
@@ -90,6 +91,9 @@ def enable(pipe, config: CacheConfig | str | tuple | None = None, *, inner: str 
         compiles nothing but the cache rewrites, for tests and debugging.
     fullgraph: passed to ``torch.compile``; shapes are always static (``dynamic=False``), one graph per
         resolution / batch size.
+    regional: compile each repeated block instead of the whole transformer (the classes in the
+        transformer's ``_repeated_blocks``, else the elements of its block lists that own an attention
+        module), as ``compile_repeated_blocks`` does; the rest of the transformer runs eagerly.
 
     Calling it again with the same arguments does nothing; with other arguments it re-enables.
     Call it after replacing ``pipe.scheduler``: the scheduler present now is the one that is patched.
@@ -108,7 +112,8 @@ def enable(pipe, config: CacheConfig | str | tuple | None = None, *, inner: str 
     if not isinstance(base, torch.nn.Module) or next(base.parameters(), None) is None:
         raise ValueError("duca_compile.enable: pipe.transformer has no parameters")
     config = _resolve_config(config, base)
-    key = (config, inner, mode, tuple(sorted((options or {}).items(), key=lambda kv: kv[0])), bool(fullgraph))
+    key = (config, inner, mode, tuple(sorted((options or {}).items(), key=lambda kv: kv[0])), bool(fullgraph),
+           bool(regional))
 
     record = pipe.__dict__.get(_RECORD)
     if record is not None:
@@ -138,7 +143,17 @@ def enable(pipe, config: CacheConfig | str | tuple | None = None, *, inner: str 
         # cache_context, isinstance checks, offload hooks, save_pretrained all see the original), the
         # cache_context patch below sits on the object the pipeline calls, and disable() only has to
         # drop _compiled_call_impl. All four tiny pipelines (DiT, PixArt, Flux, SD3) run either way.
-        base.compile(backend=backend, fullgraph=fullgraph, dynamic=False)
+        if regional:
+            base.__dict__["_compiled_call_impl"] = None          # the blocks are compiled, not the whole
+            blocks = repeated_blocks(base)
+            if not blocks:
+                raise ValueError(f"duca_compile.enable(regional=True): {type(base).__name__} has no repeated blocks "
+                                 "(no `_repeated_blocks`, and no block list whose blocks own an attention module)")
+            for block in blocks:
+                record.blocks.append((block, block.__dict__.get("_compiled_call_impl")))
+                block.compile(backend=backend, fullgraph=fullgraph, dynamic=False)
+        else:
+            base.compile(backend=backend, fullgraph=fullgraph, dynamic=False)
         _install(record, scheduler, base)
         backend.connect(True)
     except BaseException:
@@ -146,6 +161,16 @@ def enable(pipe, config: CacheConfig | str | tuple | None = None, *, inner: str 
         raise
     pipe.__dict__[_RECORD] = record
     return pipe
+
+
+def repeated_blocks(transformer: torch.nn.Module) -> list[torch.nn.Module]:
+    """The blocks regional compilation compiles: modules of a class named in ``_repeated_blocks``,
+    else every element of a ``ModuleList`` child whose own children include an attention module."""
+    names = set(getattr(transformer, "_repeated_blocks", None) or ())
+    if names:
+        return [m for m in transformer.modules() if type(m).__name__ in names]
+    return [block for child in transformer.children() if isinstance(child, torch.nn.ModuleList) for block in child
+            if any("Attention" in type(c).__name__ for c in block.children())]
 
 
 def disable(pipe):
@@ -167,6 +192,9 @@ def _undo(pipe, record: _Enabled) -> None:
             obj.__dict__.pop(name, None)
     record.patches.clear()
     record.transformer.__dict__["_compiled_call_impl"] = record.previous_compiled_call
+    for block, previous in record.blocks:
+        block.__dict__["_compiled_call_impl"] = previous
+    record.blocks.clear()
     if record.swapped_out is not None:
         pipe.transformer = record.swapped_out
 

@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 
-from .graph_paths import (SDPA_TARGETS, ancestors_in_block, block_path, branch_region, child_class, is_sdpa,
-                          module_path, reaches, source_name, split_block, token_count)
+from .graph_paths import (ONE_BLOCK, SDPA_TARGETS, ancestors_in_block, as_one_block, block_path, branch_region,
+                          child_class, is_sdpa, module_path, reaches, source_name, split_block, token_count)
 
 __all__ = ["Site", "SiteMap", "find_sites", "module_path", "block_path", "ancestors_in_block", "is_sdpa",
            "branch_region", "source_name"]
@@ -59,6 +59,7 @@ class SiteMap:
     stack_outputs: list[str] = field(default_factory=list)  # hidden state(s) leaving the block stack
     blocks: list[str] = field(default_factory=list)
     why_empty: str = ""
+    regional: bool = False   # the graph is one block (regional compilation): its one block is ONE_BLOCK
 
     def __bool__(self) -> bool:
         return bool(self.sites) and bool(self.stack_outputs)
@@ -199,8 +200,25 @@ def _attention_blocks(graph: fx.Graph, where: _Where) -> set[str]:
     return out
 
 
-def find_sites(gm: fx.GraphModule) -> SiteMap:
-    """Locate every block's residual branches and the stack output in ``gm``."""
+def find_sites(gm: fx.GraphModule, block_class: type | None = None) -> SiteMap:
+    """Locate every block's residual branches and the stack output in ``gm``. A graph with no
+    stack of blocks whose root is itself a block (``compile_repeated_blocks``, or ``torch.compile``
+    of one block) is read as a stack of one block, ``ONE_BLOCK``; its module paths are rewritten
+    so (``block_class``: the block's class, for the metadata)."""
+    found = _find_sites(gm)
+    reason = getattr(gm, "compile_subgraph_reason", None)
+    if found or getattr(reason, "graph_break", False):
+        return found          # a graph that ends at a graph break is no whole block: its output is not the block's
+    undo = as_one_block(gm, block_class)
+    one = _find_sites(gm)
+    if one and one.blocks == [ONE_BLOCK]:
+        one.regional = True
+        return one
+    undo()
+    return found
+
+
+def _find_sites(gm: fx.GraphModule) -> SiteMap:
     graph = gm.graph
     where = _Where(graph)
     latent_blocks = _latent_blocks(graph, where)

@@ -9,7 +9,7 @@ import torch.fx as fx
 
 __all__ = ["module_path", "block_path", "source_name", "is_sdpa", "reaches", "branch_region",
            "ancestors_in_block", "token_count", "child_class", "graph_fake_mode", "timestep_input", "SDPA_TARGETS",
-           "TIMESTEP_NAMES"]
+           "TIMESTEP_NAMES", "ONE_BLOCK", "as_one_block"]
 
 SDPA_TARGETS = {torch.nn.functional.scaled_dot_product_attention,
                 torch.ops.aten.scaled_dot_product_attention.default}
@@ -35,6 +35,36 @@ def block_path(node: fx.Node) -> str | None:
     """The block (``<name>.<index>``) a node belongs to, or None outside every block."""
     m = _BLOCK_PREFIX.match(module_path(node)) if node.op != "output" else None
     return m.group(1) if m else None
+
+
+# Regional compilation hands the backend one block's graph, whose module paths are relative to the
+# block ("attn1.to_q", "" for the residual adds). Prefixing them with this name makes the graph a
+# stack of one block, so every pass reads it as it reads a whole model's graph.
+ONE_BLOCK = "block.0"
+
+
+def as_one_block(gm: fx.GraphModule, cls: type | None = None):
+    """Rewrite ``gm``'s module paths as if its root were the block ``ONE_BLOCK``; returns a
+    function that undoes it (for a graph that turns out not to be a block)."""
+    saved = []
+    for n in gm.graph.nodes:
+        stack = n.meta.get("nn_module_stack")
+        if n.op == "output" or (not stack and n.op not in ("call_function", "call_method", "call_module")):
+            continue
+        saved.append((n, stack))
+        entries = {"__duca_block__": (ONE_BLOCK, cls or torch.nn.Module)}
+        for key, (path, klass) in (stack or {}).items():
+            rest = _normalize(path)
+            entries[key] = (f"{ONE_BLOCK}.{rest}" if rest else ONE_BLOCK, klass)
+        n.meta["nn_module_stack"] = entries
+
+    def undo():
+        for node, stack in saved:
+            if stack is None:
+                node.meta.pop("nn_module_stack", None)
+            else:
+                node.meta["nn_module_stack"] = stack
+    return undo
 
 
 def split_block(path: str) -> tuple[str | None, str | None]:
