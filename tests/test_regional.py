@@ -258,10 +258,10 @@ def test_two_models_behind_one_block_backend_keep_their_own_caches():
 
     a, b = compiled(0), compiled(1)
     together = request([a, b])
+    assert state_of(a) is not state_of(b) and state_of(a).stats.calls == state_of(b).stats.calls == 6
+    assert len(_runners(a)) == 2 and set(_runners(a)) == set(_runners(b))      # the same graphs serve both
     torch._dynamo.reset()
     alone = [request([compiled(0)])[0], request([compiled(1)])[0]]
     for got, want in zip(together, alone):
         for x, y in zip(got, want):
             torch.testing.assert_close(x, y, atol=1e-6, rtol=1e-6)
-    assert state_of(a) is not state_of(b) and state_of(a).stats.calls == state_of(b).stats.calls == 6
-    assert len(_runners(a)) == 2 and set(_runners(a)) == set(_runners(b))      # the same graphs serve both
