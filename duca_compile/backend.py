@@ -26,7 +26,7 @@ from .policies.base import MIN_SUBSET
 from .regional import BlockLookup, BlockRunner, block_graph_key
 from .runner import GraphRunner
 from .runtime import StateLookup, TimestepClock, UncachedCall
-from .settings import Settings, check_inductor_settings, inner_compiler
+from .settings import Settings, _accept_any, check_inductor_settings, inner_compiler
 
 __all__ = ["duca_backend", "DuCaBackend", "Settings", "settings_of"]
 
@@ -167,10 +167,6 @@ _DATA_MOVES = {torch.ops.aten.empty_strided.default, torch.ops.aten.copy.default
 def _moves_data_only(gm: fx.GraphModule) -> bool:
     return all(n.op in ("placeholder", "output") or (n.op == "call_function" and n.target in _DATA_MOVES)
                for n in gm.graph.nodes)
-
-
-def _accept_any(indices) -> bool:
-    return True
 
 
 def _below_all(action, tokens: int):

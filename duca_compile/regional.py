@@ -284,7 +284,7 @@ class BlockRunner(GraphRunner):
             slot.epoch = st.epoch
             if self.layout.propagation is not None and stack.is_last(block):
                 self._cluster_stack(st, stack, slot)
-        self._count_block(st, p, first)
+        self._count(st, p, model_call=first)
         return out
 
     def _cluster_stack(self, st, stack: BlockStack, slot) -> None:
@@ -296,13 +296,3 @@ class BlockRunner(GraphRunner):
             local = next(k for k, v in b.names.items() if v == site.name)
             return b.piece.slots[st.slot].by_key[order_key(local, 0)]
         self.cluster_into(st, slot.clusters, outputs, stack.sites, cache_of)
-
-    def _count_block(self, st, p, first: bool) -> None:
-        s = st.stats
-        if first:
-            s.calls += 1
-            s.steps[p.plan.mode.value] += 1
-        s.tokens_total += p.tokens_total
-        s.tokens_computed += p.tokens_computed
-        s.cache_hits += p.cache_hits
-        s.block_hits.update(p.block_hits)

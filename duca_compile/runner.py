@@ -285,10 +285,13 @@ class GraphRunner:
                                               init=previous[1] if previous is not None else None,
                                               generator=st.generator(source.device))
 
-    def _count(self, st, p: _Planned) -> None:
+    def _count(self, st, p: _Planned, model_call: bool = True) -> None:
+        """Add one call's stats; ``model_call``: it is a model call (a block graph's call is one
+        only at the model call's first block), else only its tokens and hits count."""
         s = st.stats
-        s.calls += 1
-        s.steps[p.plan.mode.value] += 1
+        if model_call:
+            s.calls += 1
+            s.steps[p.plan.mode.value] += 1
         s.tokens_total += p.tokens_total
         s.tokens_computed += p.tokens_computed
         s.cache_hits += p.cache_hits
