@@ -36,8 +36,8 @@ class Size:
     device: str = "cpu"
     steps: int | None = None   # None: the command's --steps (50)
     methods: tuple | None = None  # None: every preset of the model (a big model on 2 CPU cores: a few)
-    registry: str = "dit-xl-2"  # the presets' model; with ``full`` a duca_compile.full_size model
-    full: bool = False         # built from duca_compile.full_size.MODELS (random weights) instead
+    registry: str = "dit-xl-2"  # the presets' model; with ``full`` a duca_compile.models.full_size model
+    full: bool = False         # built from duca_compile.models.full_size.MODELS (random weights) instead
 
 
 SIZES = {
@@ -69,7 +69,7 @@ class Row:
 
 
 def _model(size: str, device: str):
-    from duca_compile.tiny import randomize_zero_params
+    from duca_compile.models import randomize_zero_params
 
     from .models import load_dit, make_dit
 
@@ -78,7 +78,7 @@ def _model(size: str, device: str):
     if spec.trained:
         return load_dit().eval().to(device)
     if spec.full:
-        from duca_compile.full_size import MODELS
+        from duca_compile.models import MODELS
 
         with torch.device(device):
             model = MODELS[spec.registry].build(**spec.overrides)
@@ -92,10 +92,10 @@ def _model(size: str, device: str):
 
 def _request(fn, model, batch: int, steps: int, device: str):
     """One sampling request: DDIM with class labels for DiT; for the other families an Euler loop
-    over the family's inputs (``full_size.model_inputs``): the transformer calls are what is timed."""
+    over the family's inputs (``models.model_inputs``): the transformer calls are what is timed."""
     c = model.config
     if type(model).__name__ != "DiTTransformer2DModel":
-        from duca_compile.full_size import model_inputs
+        from duca_compile.models import model_inputs
 
         kw, dtype = model_inputs(model, batch), next(model.parameters()).dtype
         for k in ("hidden_states", "encoder_hidden_states", "pooled_projections"):     # bf16 on CUDA

@@ -14,8 +14,8 @@ __version__ = "0.2.0"
 
 
 def __getattr__(name):
-    # loaded on first use, so `python -m duca_compile.full_size` runs a module not yet imported
+    # loaded on first use, so `python -m duca_compile.flops_report` runs a module not yet imported
     if name == "flops_report":
-        from .full_size import flops_report
+        from .flops_report import flops_report
         return flops_report
     raise AttributeError(f"module 'duca_compile' has no attribute {name!r}")

@@ -18,7 +18,7 @@ import torch
 import duca_compile
 from duca_compile import ClusCaConfig, DuCaConfig, FORAConfig, TaylorSeerConfig, ToCaConfig, duca_backend
 from duca_compile.report import _LETTERS
-from duca_compile.tiny import make_model
+from duca_compile.models import make_model
 
 METHODS = {
     "duca": lambda a: DuCaConfig(interval=a.interval, ratio=a.ratio),

@@ -17,12 +17,12 @@ from types import MappingProxyType
 
 import torch
 
-from .clustering import cluster_representatives, kmeans_l1
+from .policies.kmeans import cluster_representatives, kmeans_l1
 from .passes import order_key
 from .policies import Mode, StepPlan, make_policy
 from .policies.base import effective_mode
 from .runtime import timestep_value
-from .taylor import TaylorClock
+from .policies.taylor_series import TaylorClock
 
 __all__ = ["GraphRunner", "Piece", "SUBSET"]
 

@@ -18,7 +18,7 @@ import torch
 
 from . import owners
 from .policies import CacheConfig, Mode, StepPlan, make_policy
-from .selection import TokenSelector
+from .policies.token_selection import TokenSelector
 
 __all__ = ["ModelState", "PipelineDriver", "Stats", "TimestepTracker", "StateLookup", "TimestepClock", "UncachedCall",
            "state_of", "states_of", "state_for", "sampling", "reset", "timestep_value"]

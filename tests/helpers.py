@@ -6,7 +6,7 @@ import torch
 from duca_compile import duca_backend
 from duca_compile.reference import ReferenceCache
 from duca_compile.runtime import state_of
-from duca_compile.tiny import make_inputs, make_model
+from duca_compile.models import make_inputs, make_model
 
 FAMILIES = ["dit", "pixart", "flux"]
 

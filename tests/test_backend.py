@@ -8,7 +8,7 @@ import torch
 import duca_compile
 from duca_compile import DuCaConfig, FORAConfig, ScriptedConfig, duca_backend
 from duca_compile.runtime import state_of
-from duca_compile.tiny import make_inputs, make_model
+from duca_compile.models import make_inputs, make_model
 
 from helpers import FAMILIES, compile_tiny, timesteps
 

@@ -46,7 +46,7 @@ def test_quick_speed_and_flops_write_their_tables(tmp_path):
 
 
 def test_speed_runs_the_gpu_sizes_families(monkeypatch):
-    """The GPU rows (PixArt-α, FLUX.1-dev: full_size configs, their presets, an Euler loop over the
+    """The GPU rows (PixArt-α, FLUX.1-dev: models.full_size configs, their presets, an Euler loop over the
     family's inputs) run here at toy widths, eagerly: the code path a GPU session will time."""
     from benchmarks import speed
 

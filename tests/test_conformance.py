@@ -13,7 +13,7 @@ from duca_compile import DuCaConfig, ScriptedConfig, duca_backend
 from duca_compile.conformance import EXPECTED, MARKERS, check
 from duca_compile.reference import ReferenceCache
 from duca_compile.runtime import state_of
-from duca_compile.tiny import make_inputs, make_model
+from duca_compile.models import make_inputs, make_model
 
 from helpers import timesteps
 

@@ -8,7 +8,7 @@ import duca_compile
 from duca_compile import FORAConfig, ScriptedConfig
 from duca_compile.runtime import state_of
 from duca_compile.settings import inner_compiler as _inner_compiler
-from duca_compile.tiny import make_inputs, make_model
+from duca_compile.models import make_inputs, make_model
 
 from helpers import FAMILIES, compile_tiny, run_against_oracle, timesteps
 
@@ -89,7 +89,7 @@ _WARM_START = """
 import json, sys, torch
 from torch._dynamo.utils import counters
 import duca_compile
-from duca_compile.tiny import make_inputs, make_model
+from duca_compile.models import make_inputs, make_model
 step, artifacts = sys.argv[1], sys.argv[2]
 if step == "load":
     torch.compiler.load_cache_artifacts(open(artifacts, "rb").read())

@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 import duca_compile
 from duca_compile import ClusCaConfig, DuCaConfig, FORAConfig, ScriptedConfig, TaylorSeerConfig, ToCaConfig
 from duca_compile.runtime import state_of
-from duca_compile.tiny import make_inputs
+from duca_compile.models import make_inputs
 
 from helpers import FAMILIES, compile_tiny, oracle_for, run_against_oracle, timesteps
 
@@ -133,7 +133,7 @@ def test_staleness_makes_the_next_selection_pick_unpicked_tokens():
 
 
 def test_spatial_bonus_raises_the_best_token_of_each_patch():
-    from duca_compile.selection import TokenSelector
+    from duca_compile.policies.token_selection import TokenSelector
 
     sel = TokenSelector(ToCaConfig(spatial_grid=2, spatial_bonus=10.0), lambda *a: None)
     score = torch.rand(1, 16)

@@ -14,7 +14,7 @@ from hypothesis import given, strategies as st
 import duca_compile
 from duca_compile import DuCaConfig, FORAConfig, ScriptedConfig, TaylorSeerConfig, duca_backend
 from duca_compile.runtime import state_of
-from duca_compile.tiny import make_inputs, make_model
+from duca_compile.models import make_inputs, make_model
 
 from helpers import timesteps
 

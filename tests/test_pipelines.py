@@ -12,7 +12,7 @@ import duca_compile
 from duca_compile import DuCaConfig, FORAConfig, duca_backend
 from duca_compile.integrations.diffusers import disable, enable
 from duca_compile.runtime import state_of
-from duca_compile.tiny_pipelines import PIPELINE_FAMILIES, make_pipeline, needs_transformers, pipeline_call_kwargs
+from duca_compile.models import PIPELINE_FAMILIES, make_pipeline, needs_transformers, pipeline_call_kwargs
 
 STEPS = 4
 

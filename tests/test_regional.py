@@ -18,7 +18,7 @@ from duca_compile.reference import ReferenceCache
 from duca_compile.regional import BlockRunner
 from duca_compile.report import count_ops
 from duca_compile.runtime import state_of
-from duca_compile.tiny import make_inputs, make_model
+from duca_compile.models import make_inputs, make_model
 
 from helpers import compile_tiny, timesteps
 

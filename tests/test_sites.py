@@ -4,7 +4,7 @@ import torch
 
 import duca_compile
 from duca_compile import FORAConfig
-from duca_compile.tiny import make_inputs
+from duca_compile.models import make_inputs
 
 from helpers import compile_tiny
 

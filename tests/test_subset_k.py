@@ -13,7 +13,7 @@ from duca_compile.flops import _fake_inputs, count_flops, variant_flops
 from duca_compile.passes import build_variant
 from duca_compile.runtime import state_of
 from duca_compile.settings import inner_compiler
-from duca_compile.tiny import make_inputs
+from duca_compile.models import make_inputs
 
 from helpers import compile_tiny, run_against_oracle, timesteps
 

@@ -6,7 +6,7 @@ from duca_compile import ScriptedConfig
 from duca_compile.passes.find_sites import module_path
 from duca_compile.report import count_ops
 from duca_compile.runtime import state_of
-from duca_compile.tiny import make_inputs
+from duca_compile.models import make_inputs
 
 from helpers import FAMILIES, compile_tiny, timesteps
 

@@ -111,7 +111,7 @@ def _scripted(report: Report, family: str, model, exp: Expected) -> None:
     from ..reference import ReferenceCache
     from ..report import _variant_name, count_ops
     from ..runtime import state_of
-    from ..tiny import make_inputs
+    from ..models import make_inputs
 
     counters = _graph_counters()
     fast = torch.compile(model, backend=duca_backend(ScriptedConfig(modes=SCRIPT, ratio=0.5), inner="eager"),
@@ -159,7 +159,7 @@ def _duca(report: Report, family: str, model, exp: Expected) -> None:
     from ..reference import ReferenceCache
     from ..report import _LETTERS
     from ..runtime import state_of
-    from ..tiny import make_inputs
+    from ..models import make_inputs
 
     fast = torch.compile(model, backend=duca_backend(DuCaConfig(), inner="eager"), fullgraph=exp.fullgraph,
                          dynamic=False)
@@ -201,7 +201,7 @@ def _on_latent(gm) -> set:
 def _uncached(report: Report, family: str, model, exp: Expected) -> None:
     """A family that cannot be cached: it must run plainly (equal to eager) and say why."""
     from .. import DuCaConfig, duca_backend, stats
-    from ..tiny import make_inputs
+    from ..models import make_inputs
 
     counters = _graph_counters()
     fast = torch.compile(model, backend=duca_backend(DuCaConfig(), inner="eager"), dynamic=False)
@@ -218,10 +218,10 @@ def _timesteps(n: int, start: float = 900.0, stop: float = 100.0) -> list[float]
 
 def check(family: str) -> Report:
     """Run every conformance check on ``family``'s tiny model; failures to trace or run raise."""
-    from ..tiny import _family, make_model
+    from ..models import FAMILIES, make_model
 
     exp = EXPECTED[family]
-    report = Report(family, _family(family).cls)
+    report = Report(family, FAMILIES[family].cls)
     with torch.no_grad():
         model = make_model(family)
         report.expected = _expected_sites(model, exp)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from .tiny import make_model, randomize_zero_params
+from .families import make_model, randomize_zero_params
 
 __all__ = ["PIPELINE_FAMILIES", "make_pipeline", "pipeline_call_kwargs", "needs_transformers"]
 
