@@ -112,7 +112,7 @@ def speed(args) -> None:
 
 
 def flops(args) -> None:
-    from duca_compile.flops_report import MODELS, flops_table
+    from duca_compile.full_size_flops import MODELS, flops_table
 
     models = ["dit-xl-2"] if args.quick else list(MODELS)
     table = flops_table(models, batch=2)

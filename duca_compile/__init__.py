@@ -2,6 +2,7 @@
 from .backend import DuCaBackend, duca_backend
 from .policies import (CacheConfig, ClusCaConfig, DuCaConfig, FORAConfig, Mode, RatioSchedule, ScriptedConfig,
                        TaylorSeerConfig, ToCaConfig)
+from .dump import dump
 from .integrations.diffusers import disable, enable
 from .policies.presets import presets
 from .report import explain, stats
@@ -9,13 +10,13 @@ from .runtime import reset, sampling
 
 __all__ = ["duca_backend", "DuCaBackend", "CacheConfig", "DuCaConfig", "FORAConfig", "ToCaConfig",
            "TaylorSeerConfig", "ClusCaConfig", "RatioSchedule", "ScriptedConfig", "Mode", "presets",
-           "stats", "explain", "reset", "sampling", "enable", "disable", "flops_report"]
+           "stats", "explain", "reset", "sampling", "enable", "disable", "dump", "flops_report"]
 __version__ = "0.2.0"
 
 
 def __getattr__(name):
-    # loaded on first use, so `python -m duca_compile.flops_report` runs a module not yet imported
+    # loaded on first use, so `python -m duca_compile.full_size_flops` runs a module not yet imported
     if name == "flops_report":
-        from .flops_report import flops_report
+        from .full_size_flops import flops_report
         return flops_report
     raise AttributeError(f"module 'duca_compile' has no attribute {name!r}")

@@ -25,7 +25,7 @@ from .policies import CacheConfig, DuCaConfig, make_policy
 from .policies.base import MIN_SUBSET
 from .regional import BlockLookup, BlockRunner, block_graph_key
 from .runner import GraphRunner
-from .runtime import StateLookup, TimestepClock, UncachedCall
+from .runtime import CompiledCallable, StateLookup, TimestepClock, UncachedCall
 from .settings import Settings, _accept_any, check_inductor_settings, inner_compiler
 
 __all__ = ["duca_backend", "DuCaBackend", "Settings", "settings_of"]
@@ -174,7 +174,7 @@ def _below_all(action, tokens: int):
     return min(action, tokens - 1) if isinstance(action, int) and tokens > MIN_SUBSET else action
 
 
-class ShapeSpecializer:
+class ShapeSpecializer(CompiledCallable):
     """Serves a graph Dynamo made dynamic: each concrete input shape gets a static copy of the
     graph (``passes.specialize_shapes``), compiled and cached like a graph traced with static shapes."""
 

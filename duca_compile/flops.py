@@ -5,7 +5,7 @@ Every variant graph is counted once (memoized per runner and variant) by running
 nothing real runs and full-size models count on a CPU without their weights:
 
     duca_compile.stats(fast)["flop_ratio"]               # FLOPs run / FLOPs of the uncached model
-    duca_compile.flops_report("dit-xl-2", FORAConfig(interval=3), num_steps=50, batch=2)   # flops_report.py
+    duca_compile.flops_report("dit-xl-2", FORAConfig(interval=3), num_steps=50, batch=2)   # full_size_flops.py
 
 Conventions (those of ``FlopCounterMode``): a multiply-add is 2 FLOPs; only matmuls, convolutions
 and attention are counted (norms, activations, gathers, cache copies count 0). CPU's fused

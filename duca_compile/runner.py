@@ -21,7 +21,7 @@ from .policies.kmeans import cluster_representatives, kmeans_l1
 from .passes import order_key
 from .policies import Mode, StepPlan, make_policy
 from .policies.base import effective_mode
-from .runtime import timestep_value
+from .runtime import CompiledCallable, timestep_value
 from .policies.taylor_series import TaylorClock
 
 __all__ = ["GraphRunner", "Piece", "SUBSET"]
@@ -98,7 +98,7 @@ class Piece:
         return sum(t.numel() * t.element_size() for s in self.slots.values() for t in s.caches)
 
 
-class GraphRunner:
+class GraphRunner(CompiledCallable):
     def __init__(self, resolve, settings, sitemap, layout, build, timestep_index, user_indices):
         self.resolve, self.settings = resolve, settings      # resolve(args) -> the model's ModelState
         self.config = settings.config
@@ -108,6 +108,7 @@ class GraphRunner:
         self.timestep_index, self.user_indices = timestep_index, user_indices
         self.variants: dict[tuple, tuple] = {}         # pattern -> (compiled, accepts(index tensors))
         self.variant_graphs: dict[tuple, object] = {}   # pattern (or a plan compiled apart) -> graph
+        self.variant_fns: dict[tuple, object] = {}      # the same keys -> what the inner compiler made of it
         self.by_plan: dict[tuple, object] = {}          # plan key -> compiled: the per-call lookup
         self._planned: dict[tuple, _Planned] = {}       # (step, num_steps) -> plan and what follows
         self.compiles = 0
@@ -155,6 +156,7 @@ class GraphRunner:
     def _compile(self, actions, skip, name, generic: bool, state):
         start = time.perf_counter()
         fn, accepts, self.variant_graphs[name] = self.build(actions, skip, generic)
+        self.variant_fns[name] = fn
         self.compiles += 1
         if state is not None:
             state.stats.variants_compiled += 1

@@ -269,7 +269,16 @@ class StateLookup:
         return st
 
 
-class TimestepClock:
+class CompiledCallable:
+    """What the backend hands back to Dynamo. Tools that read a compiled graph as a function
+    (depyf's ``prepare_debug``) look for ``__code__``: this is the ``__call__`` the graph runs."""
+
+    @property
+    def __code__(self):
+        return type(self).__call__.__code__
+
+
+class TimestepClock(CompiledCallable):
     """Wraps a compiled graph piece that takes the timestep but holds no blocks (the part of a
     model before a graph break): each call it counts a model call and keeps the timestep tensor
     for the block piece that follows. Nothing is read from the device here."""
@@ -286,7 +295,7 @@ class TimestepClock:
         return self.compiled(*args)
 
 
-class UncachedCall:
+class UncachedCall(CompiledCallable):
     """Wraps a graph of a model that runs plainly, and says why in ``stats``. With ``counts_step``
     (grad mode: the model's cached graphs exist but cannot serve this call) the call
     still counts as a step of the request, from its timestep or the driver, and the caches, which

@@ -1,16 +1,19 @@
 """What a caching state is keyed by (``Settings``), and how a variant is compiled (``inner_compiler``)."""
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
 
 from .policies import CacheConfig
 
-__all__ = ["Settings", "INNER_COMPILERS", "OWN_OPTIONS", "check_inductor_settings", "inner_compiler"]
+__all__ = ["Settings", "INNER_COMPILERS", "OWN_OPTIONS", "OUTPUT_CODE", "check_inductor_settings", "inner_compiler"]
 
 INNER_COMPILERS = ("inductor", "eager", "aot_eager")
 OWN_OPTIONS = ("config", "inner")          # options keys that are duca's, not Inductor's
+# compiled variant -> paths of the Python modules Inductor generated for it (``duca_compile.dump``)
+OUTPUT_CODE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 @dataclass(frozen=True)
@@ -96,13 +99,26 @@ class InnerCompiler:
 
                 fn = aot_eager(gm, fakes)
             else:
+                from torch._inductor.codecache import PyCodeCache
                 from torch._inductor.compile_fx import compile_fx
 
+                modules = getattr(PyCodeCache, "modules", [])
+                loaded = len(modules)
                 fn = compile_fx(gm, fakes, config_patches=self.patches)
+                # the output code modules this compile loaded (none when Inductor's in-process cache
+                # already held them)
+                _remember_output_code(fn, [getattr(m, "__file__", None) for m in modules[loaded:]])
         if not token_inputs:
             return fn, _accept_any
         index_fakes = [fakes[i] for i in sorted(token_inputs)]
         return fn, lambda indices: shape_env.evaluate_guards_for_args(index_fakes, list(indices))
+
+
+def _remember_output_code(fn, paths) -> None:
+    try:
+        OUTPUT_CODE[fn] = [p for p in paths if p]
+    except TypeError:        # not weak-referenceable: the dump says the code was not recorded
+        pass
 
 
 def _accept_any(indices) -> bool:

@@ -8,7 +8,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import duca_compile
 from duca_compile import ClusCaConfig, DuCaConfig, FORAConfig
 from duca_compile.flops import count_flops, full_key, variant_flops
-from duca_compile.flops_report import flops_report, flops_table, meta_model, model_inputs
+from duca_compile.full_size_flops import flops_report, flops_table, meta_model, model_inputs
 from duca_compile.runtime import state_of
 from duca_compile.models import make_inputs, make_model
 

@@ -1,7 +1,8 @@
-"""duca_compile.enable / disable on real diffusers pipelines (tiny random DiT, PixArt-α, Flux, SD3).
+"""duca_compile.enable / disable on real diffusers pipelines (tiny random DiT, PixArt-α, Flux, Flux
+img2img, SD3, SD3 with Heun, Wan, CogVideoX, LTX-Video, HunyuanVideo, Sana, QwenImage).
 
 Every pipeline runs end to end (eager inner compiler); the step comes from the scheduler, never
-from the timestep, and Flux's separate cond / uncond calls get their cache slot from cache_context.
+from the timestep, and separate cond / uncond calls get their cache slot from cache_context.
 """
 import contextlib
 
@@ -11,8 +12,13 @@ import torch
 import duca_compile
 from duca_compile import DuCaConfig, FORAConfig, duca_backend
 from duca_compile.integrations.diffusers import disable, enable
-from duca_compile.runtime import state_of
+from duca_compile.runtime import state_of, states_of
 from duca_compile.models import PIPELINE_FAMILIES, make_pipeline, needs_transformers, pipeline_call_kwargs
+from duca_compile.models.pipelines import PIPELINES
+from works_with import works_with
+
+# a step that ran without the compiled transformer fails the test
+pytestmark = pytest.mark.filterwarnings("error:duca_compile. denoising step")
 
 STEPS = 4
 
@@ -26,7 +32,7 @@ def _pipe(family, seed=0):
 
 
 def _run(family, pipe, steps=STEPS, **kw):
-    return pipe(**pipeline_call_kwargs(family, pipe, steps, **kw)).images
+    return pipe(**pipeline_call_kwargs(family, pipe, steps, **kw))[0]
 
 
 @contextlib.contextmanager
@@ -58,39 +64,52 @@ def test_enabled_pipeline_caches_and_is_deterministic(family):
     assert enable(pipe, FORAConfig(interval=2), inner="eager") is pipe
     assert pipe.transformer is transformer                      # compiled in place
     first = _run(family, pipe)
+    n = len(pipe.scheduler.timesteps) - (getattr(pipe.scheduler, "begin_index", None) or 0)   # steps that ran (img2img: a tail)
     s = duca_compile.stats(pipe.transformer)
-    assert s["requests"] == 1 and s["calls"] == STEPS and s["fallback_calls"] == 0
-    assert s["steps"]["full"] == 2 and s["steps"]["reuse"] == 2 and s["cache_hits"] > 0   # F R F R
-    assert state_of(pipe.transformer).num_steps == STEPS == len(pipe.scheduler.timesteps)
+    passes = s["calls"] // n
+    assert s["requests"] == 1 and s["calls"] == n * passes and s["fallback_calls"] == 0
+    assert s["steps"]["full"] == passes * ((n + 1) // 2) and s["steps"]["reuse"] == passes * (n // 2)   # F R F R
+    assert s["cache_hits"] > 0 and state_of(pipe.transformer).num_steps == n
 
     with torch.compiler.set_stance("fail_on_recompile"), _recorded_calls(pipe) as calls:
         second = _run(family, pipe)
     assert torch.equal(first, second)
-    # One request, steps 0..3 counted by scheduler.step, one pass (slot 0) per step; Flux always
-    # wraps its call in cache_context("cond"), the others use none.
-    context = "cond" if family == "flux" else None
-    assert calls == [(i == 0, i, 0, STEPS, context) for i in range(STEPS)]
+    # One request: steps 0..n-1 counted by scheduler.step; separate cond / uncond calls (Wan,
+    # QwenImage) are slots 0 and 1 by their cache_context names, batched CFG is one call.
+    contexts = [c[4] for c in calls[:passes]]
+    assert calls == [(i == 0 and j == 0, i, j, n, contexts[j]) for i in range(n) for j in range(passes)]
+    assert passes == (2 if family in ("wan", "qwen-image") else 1)
     assert duca_compile.stats(pipe.transformer)["requests"] == 2
     assert not state_of(pipe.transformer).driver.active         # the request ended with the last step
+
+    # A fresh pipeline of the same seed, enabled the same way: the very same first result.
+    torch._dynamo.reset()
+    fresh = enable(_pipe(family), FORAConfig(interval=2), inner="eager")
+    assert torch.equal(_run(family, fresh), first)
+    spec = PIPELINES[family]
+    works_with(f"pipeline-{family}", f"`{spec.cls}` ({spec.about})",
+               f"cached, FORA(2): {STEPS} inference steps = {n} scheduler steps × {passes} call(s), "
+               f"{s['cache_hits']} cache hits; same seed again: identical, no recompile; = a fresh pipeline")
 
 
 @pytest.mark.parametrize("family", PIPELINE_FAMILIES)
 def test_full_every_step_equals_plain_and_disable_restores(family):
     pipe = _pipe(family)
     transformer, scheduler = pipe.transformer, pipe.scheduler
-    gs = 2.0 if family == "flux" else None                      # Flux: two passes per step
+    gs = 2.0 if family in ("flux", "hunyuan-video") else None   # true CFG: two passes per step
     plain = _run(family, pipe, guidance_scale=gs)
     enable(pipe, FORAConfig(interval=1), inner="eager")
     cached = _run(family, pipe, guidance_scale=gs)
     torch.testing.assert_close(cached, plain, atol=1e-5, rtol=1e-5)
-    passes = 2 if family == "flux" else 1
-    assert duca_compile.stats(pipe.transformer)["steps"]["full"] == STEPS * passes
+    passes = 2 if family in ("flux", "hunyuan-video", "wan", "qwen-image") else 1    # separate cond / uncond
+    steps = len(pipe.scheduler.timesteps) - (getattr(pipe.scheduler, "begin_index", None) or 0)
+    assert duca_compile.stats(pipe.transformer)["steps"]["full"] == steps * passes
 
     assert disable(pipe) is pipe and disable(pipe) is pipe      # idempotent
     assert pipe.transformer is transformer and pipe.scheduler is scheduler
     assert transformer._compiled_call_impl is None
     assert not {"set_timesteps", "step", "set_begin_index"} & set(vars(scheduler))
-    assert "cache_context" not in vars(transformer)
+    assert "cache_context" not in vars(transformer) and "maybe_free_model_hooks" not in vars(pipe)
     assert state_of(transformer).driver is None
     calls = duca_compile.stats(transformer)["calls"]
     assert torch.equal(_run(family, pipe, guidance_scale=gs), plain)
@@ -148,7 +167,7 @@ def test_steps_come_from_the_scheduler_not_the_timesteps():
 
 def test_new_steps_batch_and_resolution_give_fresh_results():
     config = DuCaConfig(interval=3, ratio=0.5)                  # F C A F: subset and skip steps
-    settings = [dict(), dict(steps=3), dict(batch_size=2), dict(height=16, width=24), dict()]
+    settings = [dict(), dict(steps=3), dict(batch_size=2), dict(height=64, width=96), dict()]
     pipe = enable(_pipe("flux"), config, inner="eager")
     before = _unique_graphs()
     outs = []
@@ -280,7 +299,9 @@ def test_regional_enable_caches_every_block_like_the_whole_model(family):
     torch.testing.assert_close(first, whole, atol=1e-5, rtol=1e-5)
     assert torch.equal(first, second)
     s = duca_compile.stats(regional_pipe.transformer, flops=False)
-    assert s["requests"] == 2 and s["calls"] == 2 * STEPS and s["steps"]["reuse"] == STEPS
+    assert len(states_of(regional_pipe.transformer)) == 1      # no other module taken for a model of its own
+    assert s["requests"] == 2 and s["calls"] == 2 * whole_stats["calls"]
+    assert s["steps"] == {mode: 2 * n for mode, n in whole_stats["steps"].items()}
     assert s["cache_hits"] == 2 * whole_stats["cache_hits"] and set(s["block_hits"]) == set(whole_stats["block_hits"])
     disable(regional_pipe)
     assert all(m.__dict__.get("_compiled_call_impl") is None for m in blocks)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import warnings
 import weakref
 from dataclasses import dataclass, field
 
@@ -111,6 +112,7 @@ def enable(pipe, config: CacheConfig | str | tuple | None = None, *, inner: str 
     base = getattr(transformer, "_orig_mod", transformer)       # an already torch.compile'd transformer
     if not isinstance(base, torch.nn.Module) or next(base.parameters(), None) is None:
         raise ValueError("duca_compile.enable: pipe.transformer has no parameters")
+    _check_offload(base)
     config = _resolve_config(config, base)
     key = (config, inner, mode, tuple(sorted((options or {}).items(), key=lambda kv: kv[0])), bool(fullgraph),
            bool(regional))
@@ -154,7 +156,7 @@ def enable(pipe, config: CacheConfig | str | tuple | None = None, *, inner: str 
                 block.compile(backend=backend, fullgraph=fullgraph, dynamic=False)
         else:
             base.compile(backend=backend, fullgraph=fullgraph, dynamic=False)
-        _install(record, scheduler, base)
+        _install(record, pipe, scheduler, base)
         backend.connect(True)
     except BaseException:
         _undo(pipe, record)
@@ -165,12 +167,17 @@ def enable(pipe, config: CacheConfig | str | tuple | None = None, *, inner: str 
 
 def repeated_blocks(transformer: torch.nn.Module) -> list[torch.nn.Module]:
     """The blocks regional compilation compiles: modules of a class named in ``_repeated_blocks``,
-    else every element of a ``ModuleList`` child whose own children include an attention module."""
+    else every element of a ``ModuleList`` child; either way only blocks whose own children include
+    an attention module. That leaves out what ``_repeated_blocks`` also names but is no transformer
+    block (HunyuanVideo's patch embedding, and its token refiner, which holds blocks of its own and
+    is not cached by whole-model compilation either): those run eagerly."""
     names = set(getattr(transformer, "_repeated_blocks", None) or ())
     if names:
-        return [m for m in transformer.modules() if type(m).__name__ in names]
-    return [block for child in transformer.children() if isinstance(child, torch.nn.ModuleList) for block in child
-            if any("Attention" in type(c).__name__ for c in block.children())]
+        candidates = [m for m in transformer.modules() if type(m).__name__ in names]
+    else:
+        candidates = [block for child in transformer.children() if isinstance(child, torch.nn.ModuleList)
+                      for block in child]
+    return [block for block in candidates if any("Attention" in type(c).__name__ for c in block.children())]
 
 
 def disable(pipe):
@@ -199,9 +206,10 @@ def _undo(pipe, record: _Enabled) -> None:
         pipe.transformer = record.swapped_out
 
 
-def _install(record: _Enabled, scheduler, transformer) -> None:
+def _install(record: _Enabled, pipe, scheduler, transformer) -> None:
     backend = record.backend
     driver = backend.driver
+    warned: list = []          # one warning per enable: the steps that ran without the backend
 
     def steps_left() -> int | None:
         timesteps = getattr(scheduler, "timesteps", None)
@@ -222,6 +230,7 @@ def _install(record: _Enabled, scheduler, transformer) -> None:
     def wrap_set_timesteps(original):
         @functools.wraps(original)
         def set_timesteps(*args, **kwargs):
+            _check_offload(transformer)       # offloading switched on after enable
             out = original(*args, **kwargs)
             driver.begin(steps_left())
             return out
@@ -240,6 +249,9 @@ def _install(record: _Enabled, scheduler, transformer) -> None:
         @functools.wraps(original)
         def step(*args, **kwargs):
             out = original(*args, **kwargs)
+            if driver.active and driver.calls == 0 and not warned:
+                warned.append(driver.step)
+                warnings.warn(_NOT_CACHED.format(step=driver.step, cls=type(transformer).__name__), stacklevel=2)
             driver.step_done()
             if driver.num_steps is not None and driver.step >= driver.num_steps:
                 driver.active = False     # request over: a later direct transformer call is not step N+1
@@ -258,12 +270,49 @@ def _install(record: _Enabled, scheduler, transformer) -> None:
                     driver.context = previous
         return cache_context
 
+    def wrap_end_of_call(original):
+        @functools.wraps(original)
+        def maybe_free_model_hooks(*args, **kwargs):
+            driver.active = False     # the pipeline call is over, also when it stopped early (interrupt)
+            return original(*args, **kwargs)
+        return maybe_free_model_hooks
+
     patch(scheduler, "set_timesteps", wrap_set_timesteps)
     patch(scheduler, "step", wrap_step)
     if callable(getattr(scheduler, "set_begin_index", None)):
         patch(scheduler, "set_begin_index", wrap_set_begin_index)
     if callable(getattr(transformer, "cache_context", None)):
         patch(transformer, "cache_context", wrap_cache_context)
+    if callable(getattr(pipe, "maybe_free_model_hooks", None)):     # every diffusers pipeline calls it last
+        patch(pipe, "maybe_free_model_hooks", wrap_end_of_call)
+
+
+def _check_offload(transformer: torch.nn.Module) -> None:
+    """ValueError for the offloading modes caching cannot run under; model offload (the whole
+    transformer moved to the device for its call, by a hook on the transformer itself) is fine."""
+    parts = [m for name, m in transformer.named_modules() if name]
+    if any(getattr(m, "_hf_hook", None) is not None for m in parts):
+        raise ValueError(
+            "duca_compile: enable_sequential_cpu_offload() is not supported. accelerate moves each weight onto the "
+            "device inside every leaf module's call; torch.compile cannot trace those moves, so no block would be "
+            "compiled and caching would never engage. Use pipe.enable_model_cpu_offload(), which works with duca")
+    try:
+        from diffusers.hooks.group_offloading import _is_group_offload_enabled
+    except ImportError:
+        return
+    if _is_group_offload_enabled(transformer):
+        raise ValueError(
+            "duca_compile: group offloading (apply_group_offloading / enable_group_offload) is not supported. Its "
+            "hooks load each group's weights when the group is called, which breaks Dynamo's graph at every block: "
+            "no block would be found and caching would never engage. Use pipe.enable_model_cpu_offload(), which "
+            "works with duca")
+
+
+_NOT_CACHED = (
+    "duca_compile: denoising step {step} ended without a call of the compiled {cls}, so it ran uncached. "
+    "Either Dynamo stopped compiling its forward (it hit torch._dynamo.config.recompile_limit: every model, "
+    "resolution and batch size compiled in this process adds an entry to the same forward; raise the limit), "
+    "or the pipeline called another transformer (e.g. Wan 2.2's transformer_2, which enable() does not compile)")
 
 
 def _resolve_config(config, transformer) -> CacheConfig:

@@ -5,7 +5,7 @@ duca backend on that graph and every step's variant is counted (``flops.variant_
 runs, so a 12B-parameter FLUX fits a laptop:
 
     duca_compile.flops_report("dit-xl-2", FORAConfig(interval=3), num_steps=50, batch=2)
-    python -m duca_compile.flops_report                     # the README table, model x method
+    python -m duca_compile.full_size_flops                     # the README table, model x method
 """
 from __future__ import annotations
 
@@ -204,7 +204,7 @@ def flops_table(models=tuple(MODELS), configs: dict | None = None, num_steps: in
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(prog="python -m duca_compile.flops_report",
+    p = argparse.ArgumentParser(prog="python -m duca_compile.full_size_flops",
                                 description="FLOPs per method on full-size models (meta device, no weights)")
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     p.add_argument("--steps", type=int, default=None, help="steps per request (default: per model, %s)" % STEPS)
