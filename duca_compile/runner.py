@@ -18,7 +18,7 @@ from types import MappingProxyType
 import torch
 
 from .policies.kmeans import cluster_representatives, kmeans_l1
-from .passes import order_key
+from .passes import order_key, vnorm_key
 from .policies import Mode, StepPlan, make_policy
 from .policies.base import effective_mode
 from .runtime import CompiledCallable, timestep_value
@@ -263,8 +263,7 @@ class GraphRunner(CompiledCallable):
         requests = []
         for spec in specs:
             site = self.sites[spec.site]
-            norms = self.layout.value_norms.get(site.block)
-            score = slot.by_key[f"vnorm:{site.block}"] if norms is not None else None
+            score = slot.by_key.get(vnorm_key(site.block, site.tokens[0])) if self.layout.value_norms else None
             requests.append((names[spec.site] if names else spec.site, spec.shape[0], site.tokens[0], spec.shape[1],
                              score))
         return dict(zip((s.site for s in specs), st.select_tokens(requests, specs[0].device)))

@@ -125,13 +125,12 @@ def test_model_cpu_offload_caches_and_matches(order):
 
 
 def _sequential_hooks(pipe):
-    # pipe.enable_sequential_cpu_offload() itself fails inside accelerate on torch 2.13 (a TypeError
-    # building its meta parameters, with or without duca); its per-module hooks are what matters here.
-    from accelerate.hooks import AlignDevicesHook, add_hook_to_module
+    # what pipe.enable_sequential_cpu_offload() does to each component. (Run through the pipeline, those
+    # hooks fail at the first call on torch 2.13 with accelerate 1.15, with or without duca: a TypeError
+    # in accelerate's set_module_tensor_to_device.)
+    from accelerate import cpu_offload
 
-    for name, module in pipe.transformer.named_modules():
-        if name and next(module.parameters(recurse=False), None) is not None:
-            add_hook_to_module(module, AlignDevicesHook(execution_device=torch.device("cpu")))
+    cpu_offload(pipe.transformer, execution_device=torch.device("cpu"))
 
 
 def _group_offload(pipe):
@@ -334,19 +333,17 @@ def test_depyf_prepare_debug_runs_around_a_duca_model(tmp_path):
                "runs; depyf writes Dynamo's transformed code and the full code of each frame")
 
 
-def test_steps_that_never_reach_the_backend_warn(monkeypatch):
+def test_steps_that_never_reach_the_backend_warn():
     # Dynamo stops compiling a code object at recompile_limit entries and runs it eagerly: a new
     # resolution past the limit would run uncached without a word.
     pipe = enable(_pipe(), FORAConfig(interval=2), inner="eager")
     _run(pipe)
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
-    with pytest.warns(UserWarning, match="recompile_limit"):
+    with torch._dynamo.config.patch(recompile_limit=1), pytest.warns(UserWarning, match="recompile_limit"):
         _run(pipe, height=96, width=96)
     assert duca_compile.stats(pipe.transformer)["requests"] == 1     # that request never reached duca
+    torch._dynamo.reset()
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
-        monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)
-        torch._dynamo.reset()
         _run(pipe, height=96, width=96)                               # compiled again: no warning
     works_with("recompile-limit", "a step that never reaches the backend (Dynamo's `recompile_limit` hit)",
                "a UserWarning naming the step and the limit, instead of running uncached in silence")

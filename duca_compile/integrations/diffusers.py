@@ -290,8 +290,7 @@ def _install(record: _Enabled, pipe, scheduler, transformer) -> None:
 def _check_offload(transformer: torch.nn.Module) -> None:
     """ValueError for the offloading modes caching cannot run under; model offload (the whole
     transformer moved to the device for its call, by a hook on the transformer itself) is fine."""
-    parts = [m for name, m in transformer.named_modules() if name]
-    if any(getattr(m, "_hf_hook", None) is not None for m in parts):
+    if any(_offloads(getattr(m, "_hf_hook", None)) for m in transformer.modules()):
         raise ValueError(
             "duca_compile: enable_sequential_cpu_offload() is not supported. accelerate moves each weight onto the "
             "device inside every leaf module's call; torch.compile cannot trace those moves, so no block would be "
@@ -306,6 +305,13 @@ def _check_offload(transformer: torch.nn.Module) -> None:
             "hooks load each group's weights when the group is called, which breaks Dynamo's graph at every block: "
             "no block would be found and caching would never engage. Use pipe.enable_model_cpu_offload(), which "
             "works with duca")
+
+
+def _offloads(hook) -> bool:
+    """An accelerate hook that keeps weights off the device between calls (``AlignDevicesHook(offload=True)``,
+    also inside a ``SequentialHook``); model offload's ``CpuOffload`` and device-map hooks do not."""
+    return hook is not None and (getattr(hook, "offload", False) is True
+                                 or any(map(_offloads, getattr(hook, "hooks", ()))))
 
 
 _NOT_CACHED = (

@@ -12,7 +12,7 @@ import torch.fx as fx
 from .add_cache_inputs import add_cache_inputs
 from .clone_graph import clone_graph
 from .find_sites import Site, SiteMap, find_sites
-from .layout import Action, CacheLayout, InputSpec, VariantContext, order_key
+from .layout import Action, CacheLayout, InputSpec, VariantContext, order_key, vnorm_key
 from .record_value_norms import record_value_norms
 from .remove_dead_code import remove_dead_code
 from .reuse_branches import reuse_branches
@@ -20,7 +20,7 @@ from .skip_stack import skip_stack
 from .subset_branches import probe_subsets, subset_branches
 from .write_caches import write_caches
 
-__all__ = ["VARIANT_PASSES", "build_variant", "find_sites", "probe_subsets", "Site", "SiteMap", "CacheLayout", "Action", "InputSpec", "order_key"]
+__all__ = ["VARIANT_PASSES", "build_variant", "find_sites", "probe_subsets", "Site", "SiteMap", "CacheLayout", "Action", "InputSpec", "order_key", "vnorm_key"]
 
 log = logging.getLogger(__name__)
 

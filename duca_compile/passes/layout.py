@@ -10,7 +10,7 @@ import torch.fx as fx
 from .find_sites import SiteMap
 from .graph_paths import ancestors_in_block, is_sdpa
 
-__all__ = ["Action", "CacheSpec", "InputSpec", "CacheLayout", "VariantContext", "order_key"]
+__all__ = ["ValueNorm", "vnorm_key", "Action", "CacheSpec", "InputSpec", "CacheLayout", "VariantContext", "order_key"]
 
 # Per-site action of one variant: compute (and write the cache), reuse the cache, or compute k tokens.
 Action = Union[str, int]
@@ -23,7 +23,7 @@ def order_key(site: str, output: int, order: int = 0) -> str:
 
 @dataclass(frozen=True)
 class CacheSpec:
-    key: str              # order_key(...), "stack:<index>" or "vnorm:<block>"
+    key: str              # order_key(...), "stack:<index>" or vnorm_key(block, tokens)
     placeholder: str
     shape: tuple
     dtype: torch.dtype
@@ -42,13 +42,28 @@ class InputSpec:
     device: torch.device
 
 
+@dataclass(frozen=True)
+class ValueNorm:
+    """Where a block's token scores come from (kv-norm): the self-attention value node
+    ``[batch, heads, T, head_dim]``, rows ``start .. start + tokens`` of its token axis (joint
+    attention holds the text and image tokens in one value: each stream is a slice)."""
+
+    node: str
+    start: int
+    tokens: int
+
+
+def vnorm_key(block: str, tokens: int) -> str:
+    return f"vnorm:{block}:{tokens}"
+
+
 @dataclass
 class CacheLayout:
     """Every cache and extra input a graph's variants take, in one fixed order.
 
     orders: Taylor terms kept beyond order 0 (TaylorSeer/ClusCa); propagation: ClusCa's gamma
     (SUBSET sites then also take a cluster assignment); value_norms: block -> the self-attention
-    value node whose per-head norms are cached for kv-norm token scores.
+    value slices whose per-head norms are cached for kv-norm token scores, one per token count.
     """
 
     caches: list[CacheSpec]
@@ -56,7 +71,7 @@ class CacheLayout:
     sitemap: SiteMap
     orders: int = 0
     propagation: float | None = None
-    value_norms: dict[str, str] = field(default_factory=dict)
+    value_norms: dict[str, list[ValueNorm]] = field(default_factory=dict)
 
     @classmethod
     def from_graph(cls, gm: fx.GraphModule, sitemap: SiteMap, orders: int = 0, propagation: float | None = None,
@@ -77,9 +92,10 @@ class CacheLayout:
             val = nodes[name].meta["example_value"]
             spec(f"stack:{i}", val.shape, val.dtype, val.device)
         norms = _value_nodes(gm, sitemap) if value_norms else {}
-        for block, name in norms.items():
-            val = nodes[name].meta["example_value"]       # [batch, heads, tokens, head_dim]
-            spec(f"vnorm:{block}", (val.shape[0], val.shape[2]), torch.float32, val.device)
+        for block, slices in norms.items():
+            for v in slices:
+                val = nodes[v.node].meta["example_value"]       # [batch, heads, T, head_dim]
+                spec(vnorm_key(block, v.tokens), (val.shape[0], v.tokens), torch.float32, val.device)
         return cls(caches=caches, batch=batch or 0, sitemap=sitemap, orders=orders, propagation=propagation,
                    value_norms=norms)
 
@@ -109,22 +125,59 @@ class CacheLayout:
         return out
 
 
-def _value_nodes(gm: fx.GraphModule, sitemap: SiteMap) -> dict[str, str]:
-    """Per block with token-wise sites: the value input of its self-attention, if it has as many
-    tokens as those sites (Flux's joint attention mixes text and image tokens, so it has not)."""
+def _value_nodes(gm: fx.GraphModule, sitemap: SiteMap) -> dict[str, list[ValueNorm]]:
+    """Per block with token-wise sites: the slices of its self-attention's value input (passed
+    positionally or as ``value=``) that hold those sites' tokens. ValueError naming the site when
+    a token-wise site has none: kv-norm would silently score it at random."""
     nodes = {n.name: n for n in gm.graph.nodes}
-    out = {}
+    out: dict[str, list[ValueNorm]] = {}
     for site in sitemap.sites:
         if site.kind != "self_attn":
             continue
         wanted = {s.tokens[0] for s in sitemap.sites if s.block == site.block and s.subsettable}
         raw, stream = nodes[site.outputs[0]], nodes[site.streams[0]]
         for n in ancestors_in_block(raw, stream, site.block):
-            if is_sdpa(n) and len(n.args) > 2 and isinstance(n.args[2], fx.Node):
-                val = n.args[2].meta.get("example_value")
-                if isinstance(val, torch.Tensor) and val.ndim == 4 and int(val.shape[2]) in wanted:
-                    out[site.block] = n.args[2].name
+            value = n.args[2] if len(n.args) > 2 else n.kwargs.get("value")
+            if not (is_sdpa(n) and isinstance(value, fx.Node)):
+                continue
+            val = value.meta.get("example_value")
+            if isinstance(val, torch.Tensor) and val.ndim == 4:
+                for v in _token_slices(value, int(val.shape[2]), wanted):
+                    if v not in out.setdefault(site.block, []):
+                        out[site.block].append(v)
+    for s in sitemap.sites:
+        if s.subsettable and not any(v.tokens == s.tokens[0] for v in out.get(s.block, ())):
+            raise ValueError(f"duca: selection='kv-norm' needs the self-attention value of {s.block} for the "
+                             f"{s.tokens[0]} tokens of {s.name}, and the graph has none (no SDPA in the block, or "
+                             "its value has other tokens); use selection='random' for this model")
     return out
+
+
+def _token_slices(value: fx.Node, total: int, wanted: set) -> list[ValueNorm]:
+    """The value's token rows that belong to each wanted token count: all of them, or, for joint
+    attention, the parts of the ``cat`` along the token axis that built it (found through the
+    head split / transposes in between)."""
+    if total in wanted:
+        return [ValueNorm(value.name, 0, total)]
+    node = value
+    for _ in range(8):                                  # view / transpose / permute / contiguous hops
+        if node.op == "call_function" and node.target in (torch.cat, torch.concat, torch.ops.aten.cat.default):
+            parts = node.args[0]
+            sizes = [p.meta["example_value"].shape for p in parts if isinstance(p, fx.Node)]
+            if len(sizes) != len(parts):
+                return []
+            dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+            dim = dim % len(sizes[0])
+            lengths = [int(sz[dim]) for sz in sizes]
+            if sum(lengths) != total:
+                return []
+            starts = [sum(lengths[:i]) for i in range(len(lengths))]
+            return [ValueNorm(value.name, a, n) for a, n in zip(starts, lengths) if n in wanted]
+        inputs = [i for i in node.all_input_nodes if isinstance(i.meta.get("example_value"), torch.Tensor)]
+        if len(inputs) != 1:
+            return []
+        node = inputs[0]
+    return []
 
 
 @dataclass

@@ -50,9 +50,8 @@ class TokenSelector:
         groups: dict[tuple, list[int]] = {}
         for i, (site, batch, tokens, k, score) in enumerate(requests):
             scored = self.selection == "kv-norm" and score is not None
-            if self.selection == "kv-norm" and not scored:
-                self.warn_once(f"kvnorm:{site}", f"duca: no self-attention value norms match the tokens of {site}; "
-                               "it uses random selection")
+            if self.selection == "kv-norm" and not scored:    # the layout checks this at compile time
+                raise RuntimeError(f"duca: selection='kv-norm' but no value-norm scores for {site}")
             groups.setdefault((batch, tokens, scored), []).append(i)
         for (batch, tokens, scored), members in groups.items():
             sites, ks = [requests[i][0] for i in members], [requests[i][3] for i in members]
