@@ -135,8 +135,9 @@ class DuCaBackend:
 
 class VariantBuilder:
     """Builds (passes) and compiles one variant of a graph for a plan: ``(actions, skip, generic)``
-    -> (compiled, accepts(index tensors), variant graph). ``generic``: for any SUBSET sizes, built
-    at sizes below every site's token count so that each site's token axis is told apart."""
+    -> (compiled, accepts(index tensors), variant graph). The graph is built at SUBSET sizes below
+    every site's token count, so that each site's token axis is told apart; ``generic`` compiles
+    it for any sizes, else for the plan's own."""
 
     def __init__(self, gm, example_inputs, sitemap, layout, fake_mode, compile_variant):
         self.gm, self.example_inputs, self.sitemap, self.layout = gm, example_inputs, sitemap, layout
@@ -144,9 +145,13 @@ class VariantBuilder:
         self.tokens = {s.name: s.tokens[0] for s in sitemap.sites}
 
     def __call__(self, actions: dict, skip: bool, generic: bool = True):
+        # Always built below every token count: at k = N an axis of width N (Wan at N = D = 32)
+        # would be taken for the token axis. The graph names no literal k, so a plan compiled apart
+        # still compiles it for its own k, with static index shapes.
+        built = {name: _below_all(a, self.tokens[name]) for name, a in actions.items()}
         if generic:
-            actions = {name: _below_all(a, self.tokens[name]) for name, a in actions.items()}
-        variant = build_variant(self.gm, self.sitemap, self.layout, actions, skip, self.fake_mode)
+            actions = built
+        variant = build_variant(self.gm, self.sitemap, self.layout, built, skip, self.fake_mode)
         if _moves_data_only(variant):
             # a block graph's SKIP returns a copy of its cache: nothing for a compiler to speed up,
             # and an Inductor compile costs seconds

@@ -109,6 +109,7 @@ class ModelState:
         self.shape_keys: dict[int, tuple] = {}    # id(anchor) of a graph piece -> its last input shapes
         self.step_indices: dict[str, torch.Tensor] = {}
         self.generators: dict[torch.device, torch.Generator] = {}
+        self.seed_offset = 0         # context parallelism: this rank's stream of the shared seed
         self.warned: set[str] = set()
         self.selector = TokenSelector(config, self.warn_once)
         self.last_indices: dict[str, torch.Tensor] = {}
@@ -139,7 +140,7 @@ class ModelState:
         self.step_indices = {}
         self.selector.reset()
         for g in self.generators.values():
-            g.manual_seed(self.config.seed)
+            g.manual_seed(self.config.seed + self.seed_offset)
 
     def reset(self) -> None:
         """Drop every cache; the next call starts a new request."""
@@ -182,7 +183,7 @@ class ModelState:
     def generator(self, device: torch.device) -> torch.Generator:
         if device not in self.generators:
             g = torch.Generator(device=device)
-            g.manual_seed(self.config.seed)
+            g.manual_seed(self.config.seed + self.seed_offset)
             self.generators[device] = g
         return self.generators[device]
 
@@ -214,12 +215,24 @@ def state_for(owner: owners.Owner, settings, on_new=None) -> ModelState:
     if st is None:
         st = owner.states[settings] = ModelState(settings.config, settings)
         module = owner.module() if owner.module is not None else None
+        st.seed_offset = context_parallel_rank(module)
         pending = _PENDING.get(id(module)) if module is not None else None
         if pending is not None and pending[0]() is module and pending[1] in (None, settings):
             st.driver = pending[2]                # a sampling() entered before the first call
         if on_new is not None:
             on_new(st)
     return st
+
+
+def context_parallel_rank(module) -> int:
+    """This process's rank when ``module`` runs under diffusers' context parallelism, else 0. Each
+    rank then holds a shard of the tokens and draws its SUBSET tokens (ratio x its own tokens:
+    a stratified share of the global k) from its own stream, seed + rank, so the ranks pick other
+    local positions and their union never repeats a token."""
+    if getattr(module, "_parallel_config", None) is None or not torch.distributed.is_available() \
+            or not torch.distributed.is_initialized():
+        return 0
+    return torch.distributed.get_rank()
 
 
 def states_of(model) -> list[ModelState]:

@@ -16,7 +16,17 @@ SDPA_TARGETS = {torch.nn.functional.scaled_dot_product_attention,
 _BLOCK_PREFIX = re.compile(r"^(.*?\.\d+)(?:\.|$)")
 
 
+# diffusers' hooks (context parallelism's split / gather hooks) replace a module's forward by a
+# wrapper; Dynamo's paths then run through it: "blocks.0.forward.func.__closure__[0].cell_contents
+# .forward.__self__.attn1" is "blocks.0.attn1", and a hooked root starts at L['function_reference'].
+_HOOK_SEGMENTS = re.compile(r"\.forward\.func\.__closure__\[\d+\]\.cell_contents|\.forward\.__self__|"
+                            r"^L\['function_reference'\]")
+
+
 def _normalize(raw: str) -> str:
+    previous = None
+    while previous != raw:
+        previous, raw = raw, _HOOK_SEGMENTS.sub("", raw)
     raw = raw.replace("L['self']", "").replace("L['fn']", "")
     raw = re.sub(r"(?:\.?__dict__)?\['_modules'\]\['([^']+)'\]", r".\1", raw)
     raw = re.sub(r"\._modules\['([^']+)'\]", r".\1", raw)

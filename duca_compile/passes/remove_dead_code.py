@@ -5,6 +5,11 @@ fills an ``empty_like`` buffer slice by slice (Wan) keeps its whole block alive 
 and it treats in-place *methods* as pure, dropping ``x.add_(y)`` whose result is unused. Here a
 mutation lives exactly when something reads the tensor it writes: a graph input (a cache), or any
 live node aliasing it through views.
+
+Waiting on a collective (``_c10d_functional.wait_tensor``) counts as pure, and so does an unread
+random op: under context parallelism a reused branch's all-to-alls (or ring all-gathers) go with
+its attention. That is safe only because every rank runs the same variant at every call (the same
+step plan from the same inputs), so no rank waits for a peer that skipped the collective.
 """
 from __future__ import annotations
 
@@ -54,6 +59,19 @@ def _alias_groups(graph: fx.Graph) -> dict[fx.Node, fx.Node]:
     return {n: find(n) for n in graph.nodes}
 
 
+def _waits() -> set:
+    ops = getattr(torch.ops, "_c10d_functional", None)
+    # Dynamo's graphs name the packet, Inductor's the overload
+    return {ops.wait_tensor, ops.wait_tensor.default} if ops is not None and hasattr(ops, "wait_tensor") else set()
+
+
+def _impure(n: fx.Node, pure: set) -> bool:
+    # A random op nobody reads is dead too (FX keeps it for the RNG state it advances): an
+    # inference forward draws nothing, but the CPU flash-attention kernel that ring attention
+    # runs counts as random (its dropout), which kept a reused branch's attention alive.
+    return n.target not in pure and n.is_impure(impure_random=False)
+
+
 def remove_dead_code(graph: fx.Graph) -> int:
     """Erase every node no output, impure op or read-back mutation needs; returns how many."""
     group = _alias_groups(graph)
@@ -71,8 +89,9 @@ def remove_dead_code(graph: fx.Graph) -> int:
             live_groups.add(group[n])
             todo.extend(n.all_input_nodes)
 
+    pure = _waits()
     for n in graph.nodes:
-        if n.op == "output" or (n.op != "placeholder" and _mutated(n) is None and n.is_impure()):
+        if n.op == "output" or (n.op != "placeholder" and _mutated(n) is None and _impure(n, pure)):
             mark(n)
     changed = True
     while changed:

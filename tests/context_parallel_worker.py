@@ -1,0 +1,189 @@
+"""Run by ``tests/test_context_parallel.py`` under ``torchrun --nproc_per_node=2`` (gloo, CPU).
+
+Per family: a tiny model in one process and its seeded twin split over the ranks with diffusers'
+context parallelism (``enable_parallelism``), both compiled with the same duca backend (eager
+inner); per step both outputs, and per variant of the CP graph its collectives and attentions.
+Rank 0 writes the findings as JSON to argv[1].
+
+Test-only shims, not the product: a CPU-only torch reports ``torch.accelerator.device_count() == 0``
+(diffusers divides by it); the text is 6 tokens so that it splits over 2 ranks; Wan's CP split hook
+logs a warning (a graph break: the logger is ignored) and inspects its block's signature on first
+use (one eager forward first).
+"""
+import json
+import logging
+import sys
+from collections import Counter
+
+import torch
+import torch.distributed as dist
+
+STEPS = 6
+MODES = ("full", "reuse", "skip")
+
+
+def _variant_ops(runner) -> dict:
+    from duca_compile.report import _variant_name
+
+    out = {}
+    for key, graph in runner.variant_graphs.items():
+        ops = Counter()
+        for n in graph.graph.nodes:
+            name = str(n.target)
+            if n.op == "call_function" and "_c10d_functional" in name and "wait" not in name:
+                ops[name.replace("_c10d_functional.", "").replace(".default", "")] += 1
+            elif n.op == "call_function" and "scaled_dot_product" in name:
+                ops["sdpa"] += 1
+        out[_variant_name(key)] = dict(ops)
+    return out
+
+
+def _attention_with_lse(ctx, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                        enable_gqa=False, return_lse=False, _save_ctx=True, _parallel_config=None):
+    """TEST-ONLY forward of diffusers' native attention: ring attention merges the ranks' partial
+    results by their log-sum-exp, which the native op refuses to return; the CPU flash kernel has it."""
+    q, k, v = (x.transpose(1, 2) for x in (query, key, value))          # [B, S, H, D] -> [B, H, S, D]
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, dropout_p, is_causal,
+                                                                       attn_mask=attn_mask, scale=scale)
+    out = out.transpose(1, 2)
+    return (out, lse.transpose(1, 2)) if return_lse else out
+
+
+def run_family(name: str) -> dict:
+    import diffusers.models.attention_dispatch as dispatch
+    from diffusers import ContextParallelConfig
+
+    import duca_compile
+    from duca_compile import ScriptedConfig
+    from duca_compile.models import make_inputs, make_model
+    from duca_compile.runtime import state_of
+
+    def inputs(model, t, seed):
+        kw = make_inputs(family, model, timestep=t, seed=seed)
+        if family == "flux2":        # its _cp_plan splits the ids as [batch, seq, 4]
+            for k in ("img_ids", "txt_ids"):
+                kw[k] = kw[k].unsqueeze(0).expand(2, -1, -1).contiguous()
+        if family == "ltx-video":    # LTX's CP cross-attention cannot reshape a text mask (fails uncached too)
+            kw["encoder_attention_mask"] = None
+        return kw
+
+    family, ring = name.removesuffix("-ring"), name.endswith("-ring")
+    world = dist.get_world_size()
+    if ring:
+        dispatch._native_attention_forward_op = _attention_with_lse
+    config = ScriptedConfig(modes=MODES)
+    single_model, cp_model = make_model(family), make_model(family)
+    cp_model.enable_parallelism(config=ContextParallelConfig(ring_degree=world) if ring else
+                                ContextParallelConfig(ulysses_degree=world))
+    ts = [900.0 - i * 800.0 / (STEPS - 1) for i in range(STEPS)]
+    if family == "wan":
+        cp_model(**inputs(cp_model, 950.0, 99))
+    single = torch.compile(single_model, backend=duca_compile.duca_backend(config, inner="eager"), dynamic=False)
+    cp = torch.compile(cp_model, backend=duca_compile.duca_backend(config, inner="eager"), dynamic=False)
+    steps = []
+    for request in range(2):
+        with torch.compiler.set_stance("fail_on_recompile") if request else torch.no_grad():
+            for i, t in enumerate(ts):
+                kw = inputs(single_model, t, i)
+                want, got = single(**kw)[0], cp(**kw)[0]
+                steps.append({"mode": state_of(cp).last_plan.mode.value,
+                              "single_mode": state_of(single).last_plan.mode.value,
+                              "diff": (got - want).abs().max().item()})
+    cp_runner, _ = state_of(cp).graphs()[0]
+    single_runner, _ = state_of(single).graphs()[0]
+    s = duca_compile.stats(cp, flops=False)
+    return {"steps": steps,
+            "sites": [x.name for x in cp_runner.sitemap.sites],
+            "single_sites": [x.name for x in single_runner.sitemap.sites],
+            "variants": _variant_ops(cp_runner), "single_variants": _variant_ops(single_runner),
+            "cache_hits": s["cache_hits"], "requests": s["requests"], "uncached": s["uncached"]}
+    # (the ring shim stays for the rest of the run: later families are Ulysses, which never asks for the LSE)
+
+
+def subset_shares(family: str) -> dict:
+    """DuCa's conservative step under CP: every rank's SUBSET tokens of one site, as global positions."""
+    from diffusers import ContextParallelConfig
+
+    import duca_compile
+    from duca_compile.models import make_inputs, make_model
+    from duca_compile.runtime import state_of
+
+    model = make_model(family)
+    model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=dist.get_world_size()))
+    fast = torch.compile(model, backend=duca_compile.duca_backend(duca_compile.DuCaConfig(interval=3, ratio=0.5),
+                                                                  inner="eager"), dynamic=False)
+    for i, t in enumerate((900.0, 800.0)):                             # F C
+        fast(**make_inputs(family, model, timestep=t, seed=i))
+    st = state_of(fast)
+    site = next(name for name in st.last_indices)
+    local = st.last_indices[site][0]
+    runner, _ = st.graphs()[0]
+    shard = next(s.tokens[0] for s in runner.sitemap.sites if s.name == site)
+    shares = [None] * dist.get_world_size()
+    dist.all_gather_object(shares, (local + dist.get_rank() * shard).tolist())
+    return {"mode": st.last_plan.mode.value, "site": site, "shard_tokens": shard, "shares": shares,
+            "seed_offset": st.seed_offset}
+
+
+def pipeline_under_cp() -> dict:
+    """``duca_compile.enable(pipe)`` on a Flux pipeline whose transformer runs context-parallel,
+    against the same pipeline in one process."""
+    from diffusers import ContextParallelConfig
+
+    import duca_compile
+    from duca_compile.models import make_pipeline, pipeline_call_kwargs
+
+    def run(pipe):
+        g = torch.Generator().manual_seed(1)
+        kw = pipeline_call_kwargs("flux", pipe, 4, prompt_embeds=torch.randn(1, 6, 24, generator=g))
+        return pipe(**kw)[0]
+
+    outs = []
+    for parallel in (False, True):
+        torch._dynamo.reset()
+        pipe = make_pipeline("flux")
+        pipe.set_progress_bar_config(disable=True)
+        if parallel:
+            pipe.transformer.enable_parallelism(config=ContextParallelConfig(ulysses_degree=dist.get_world_size()))
+        duca_compile.enable(pipe, duca_compile.FORAConfig(interval=2), inner="eager")
+        outs.append(run(pipe))
+        s = duca_compile.stats(pipe.transformer, flops=False)
+    return {"diff": (outs[1] - outs[0]).abs().max().item(), "cache_hits": s["cache_hits"], "steps": s["steps"]}
+
+
+def main(out_path: str, families: list[str]) -> None:
+    dist.init_process_group("gloo")
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    if torch.accelerator.device_count() == 0:
+        torch.accelerator.device_count = lambda: 1
+    import transformers.utils.logging  # noqa: F401  (installs Logger.warning_once)
+
+    from duca_compile.models import inputs as recipes
+
+    recipes.TEXT_LEN = 6
+    torch._dynamo.config.ignore_logging_functions.add(logging.Logger.warning_once)
+    found = {}
+    with torch.no_grad():
+        for family in families:
+            torch._dynamo.reset()
+            try:
+                found[family] = run_family(family)
+                if family == "flux":
+                    torch._dynamo.reset()
+                    found[family]["subset"] = subset_shares(family)
+            except Exception as e:       # noqa: BLE001 - reported to the test, which fails on it
+                found[family] = {"error": f"{type(e).__name__}: {e}"[:2000]}
+        try:
+            found["pipeline"] = pipeline_under_cp()
+        except Exception as e:           # noqa: BLE001
+            found["pipeline"] = {"error": f"{type(e).__name__}: {e}"[:2000]}
+    if dist.get_rank() == 0:
+        with open(out_path, "w") as f:
+            json.dump(found, f, indent=1)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2:])
