@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib.util
+import os
 import pathlib
 import warnings
 
@@ -90,6 +91,8 @@ def _random_vs_kv_norm(rows) -> str:
 
 
 def speed(args) -> None:
+    if args.world > 1:
+        return context_parallel_speed(args)
     from .speed import METHODS, SIZES, peak_rss_mb, plot, run
 
     sizes = args.sizes or [s for s, spec in SIZES.items() if spec.device == args.device]
@@ -108,6 +111,32 @@ def speed(args) -> None:
     name = "speed" + _suffix(args.quick)
     path = write(args.out, name, "Speed per model size", text, rows, environment(args.device))
     plot(rows, args.out / f"{name}.png")
+    print(path.read_text())
+
+
+def context_parallel_speed(args) -> None:
+    import tempfile
+
+    from .context_parallel import MODEL, launch, table
+
+    steps, repeats, inner = (4, 1, "eager") if args.quick else (args.steps or 20, 3, "inductor")
+    with tempfile.TemporaryDirectory() as tmp:
+        found = launch(args.world, steps, repeats, inner, os.path.join(tmp, "found.json"))
+    text = (f"Context parallelism (diffusers' Ulysses) over {found['world']} ranks on {found['device']}, "
+            f"{found['threads']} thread(s) per rank: a random-init Flux-like transformer ({MODEL['num_layers']} double "
+            f"+ {MODEL['num_single_layers']} single blocks, width {MODEL['num_attention_heads'] * MODEL['attention_head_dim']}, "
+            f"{found['tokens']} tokens split over the ranks), batch 1, one request of {steps} transformer calls, "
+            f"median of {repeats} timed round robin over the rows after a warm-up request each, inner compiler "
+            f"{inner}. Collectives: all-to-alls and "
+            "all-gathers in the graph each kind of step runs (plain: Dynamo's graph, every step); steps: counted "
+            "over the warm-up and timed requests.\n\n"
+            + table(found) + "\n")
+    name = f"context_parallel{_suffix(args.quick)}"
+    rows = [{**r, "speedup": found["rows"][0]["seconds"] / r["seconds"]} for r in found["rows"]]
+    path = write(args.out, name, f"Context parallelism, {found['world']} ranks", text, rows, environment(args.device))
+    plot_bars(rows, args.out / f"{name}.png", lambda r: r["method"],
+              {"speed-up vs plain CP compile": "speedup", "FLOP ratio per rank": "flop_ratio"}, "ratio",
+              f"context parallelism, {found['world']} ranks")
     print(path.read_text())
 
 
@@ -261,6 +290,8 @@ def main(argv=None) -> None:
             p.add_argument("--methods", nargs="+", help="presets to time (default: all)")
         if name == "speed":
             p.add_argument("--steps", type=int)
+            p.add_argument("--world", type=int, default=1,
+                           help="> 1: duca on context parallelism over this many ranks (torchrun)")
         if name == "compile":
             p.add_argument("--keep-other-sizes", action="store_true",
                            help="keep the rows of sizes not run now from the existing results")

@@ -2,6 +2,7 @@
 trained checkpoint's promise: its uncached samples are the digits they were asked for."""
 import json
 
+import pytest
 import torch
 
 from benchmarks.__main__ import main
@@ -43,6 +44,18 @@ def test_quick_speed_and_flops_write_their_tables(tmp_path):
     assert (tmp_path / "speed_quick.png").stat().st_size > 1000
     main(["flops", "--quick", "--out", str(tmp_path)])
     assert "| dit-xl-2 | 50 |" in (tmp_path / "flops_quick.md").read_text()
+
+
+def test_quick_context_parallel_speed_runs_two_ranks_and_counts_their_collectives(tmp_path):
+    pytest.importorskip("transformers")
+    main(["speed", "--world", "2", "--quick", "--out", str(tmp_path)])
+    rows = {r["method"]: r for r in json.loads((tmp_path / "context_parallel_quick.json").read_text())["rows"]}
+    assert set(rows) == {"plain torch.compile", "duca FULL only", "FORA (N=2)", "DuCa (N=3, r=0.3)"}
+    plain = rows["plain torch.compile"]["collectives"]["every step"]
+    fora = rows["FORA (N=2)"]
+    assert fora["collectives"] == {"FULL": plain, "REUSE": 1}       # a reused step only gathers the output
+    assert fora["steps"]["reuse"] > 0 and 0.4 < fora["flop_ratio"] < 0.7
+    assert (tmp_path / "context_parallel_quick.png").stat().st_size > 1000
 
 
 def test_speed_runs_the_gpu_sizes_families(monkeypatch):
