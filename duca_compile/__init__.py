@@ -11,7 +11,7 @@ from .runtime import reset, sampling
 __all__ = ["duca_backend", "DuCaBackend", "CacheConfig", "DuCaConfig", "FORAConfig", "ToCaConfig",
            "TaylorSeerConfig", "ClusCaConfig", "RatioSchedule", "ScriptedConfig", "Mode", "presets",
            "stats", "explain", "reset", "sampling", "enable", "disable", "dump", "flops_report"]
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 
 def __getattr__(name):
