@@ -16,7 +16,6 @@ import statistics
 import subprocess
 import sys
 import time
-from collections import Counter
 
 import torch
 
@@ -36,16 +35,12 @@ def launch(world: int, steps: int, repeats: int, inner: str, out: str) -> dict:
         return json.load(f)
 
 
-def _collectives(graph) -> Counter:
-    return Counter(str(n.target).replace("_c10d_functional.", "").replace(".default", "") for n in graph.graph.nodes
-                   if n.op == "call_function" and "_c10d_functional" in str(n.target) and "wait" not in str(n.target))
-
-
 def _rank_main(out: str, steps: int, repeats: int, inner: str) -> None:
     import torch.distributed as dist
     from diffusers import ContextParallelConfig, FluxTransformer2DModel
 
     import duca_compile
+    from duca_compile.report import _variant_name, count_collectives
     from duca_compile.runtime import state_of
 
     dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
@@ -106,7 +101,7 @@ def _rank_main(out: str, steps: int, repeats: int, inner: str) -> None:
     for name, config in configs.items():
         row = {"method": name, "seconds": statistics.median(times[name]), "warmup": warm[name]}
         if config is None:
-            row.update(flop_ratio=1.0, collectives={"every step": sum(sum(_collectives(gm).values())
+            row.update(flop_ratio=1.0, collectives={"every step": sum(sum(count_collectives(gm).values())
                                                                       for gm in graphs[name])})
         else:
             try:
@@ -114,9 +109,8 @@ def _rank_main(out: str, steps: int, repeats: int, inner: str) -> None:
             except Exception:            # noqa: BLE001 - FLOP counting of a variant with collectives
                 s = {**duca_compile.stats(fast[name], flops=False), "flop_ratio": float("nan")}
             runner, _ = state_of(fast[name]).graphs()[0]
-            from duca_compile.report import _variant_name
             row.update(flop_ratio=s["flop_ratio"], steps=s["steps"],
-                       collectives={_variant_name(k): sum(_collectives(v).values())
+                       collectives={_variant_name(k): sum(count_collectives(v).values())
                                     for k, v in runner.variant_graphs.items()})
         rows.append(row)
     found.update(world=world, device=str(device), steps=steps, repeats=repeats, inner=inner, rows=rows,

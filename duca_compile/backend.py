@@ -149,14 +149,12 @@ class VariantBuilder:
         # would be taken for the token axis. The graph names no literal k, so a plan compiled apart
         # still compiles it for its own k, with static index shapes.
         built = {name: _below_all(a, self.tokens[name]) for name, a in actions.items()}
-        if generic:
-            actions = built
         variant = build_variant(self.gm, self.sitemap, self.layout, built, skip, self.fake_mode)
         if _moves_data_only(variant):
             # a block graph's SKIP returns a copy of its cache: nothing for a compiler to speed up,
             # and an Inductor compile costs seconds
             return variant.forward, _accept_any, variant
-        specs = self.layout.inputs(actions)
+        specs = self.layout.inputs(built if generic else actions)      # the index sizes compiled for
         extra = [torch.zeros(c.shape, dtype=c.dtype, device=c.device) for c in self.layout.caches]
         extra += [torch.zeros(s.shape, dtype=s.dtype, device=s.device) for s in specs]
         first = len(self.example_inputs) + len(self.layout.caches)

@@ -1,6 +1,8 @@
 """What a compiled model did (``stats``) and how its graphs were rewritten (``explain``)."""
 from __future__ import annotations
 
+from collections import Counter
+
 import torch
 
 from .policies import Mode
@@ -57,6 +59,13 @@ def count_ops(gm) -> dict:
             if n.op == "call_function" and n.target in targets:
                 counts[k] += 1
     return counts
+
+
+def count_collectives(gm) -> Counter:
+    """The collectives a graph issues, by name (``all_to_all_single``, ...; waits not counted): what a
+    step of it communicates under context parallelism."""
+    return Counter(str(n.target).replace("_c10d_functional.", "").replace(".default", "") for n in gm.graph.nodes
+                   if n.op == "call_function" and "_c10d_functional" in str(n.target) and "wait" not in str(n.target))
 
 
 _LETTERS = {"full": "F", "subset": "C", "skip": "A", "reuse": "R", "partial": "P"}

@@ -13,7 +13,6 @@ use (one eager forward first).
 import json
 import logging
 import sys
-from collections import Counter
 
 import torch
 import torch.distributed as dist
@@ -23,18 +22,14 @@ MODES = ("full", "reuse", "skip")
 
 
 def _variant_ops(runner) -> dict:
-    from duca_compile.report import _variant_name
+    """Per variant its collectives and attentions (the CPU flash kernel ring attention runs included)."""
+    from duca_compile.report import _variant_name, count_collectives
 
     out = {}
     for key, graph in runner.variant_graphs.items():
-        ops = Counter()
-        for n in graph.graph.nodes:
-            name = str(n.target)
-            if n.op == "call_function" and "_c10d_functional" in name and "wait" not in name:
-                ops[name.replace("_c10d_functional.", "").replace(".default", "")] += 1
-            elif n.op == "call_function" and "scaled_dot_product" in name:
-                ops["sdpa"] += 1
-        out[_variant_name(key)] = dict(ops)
+        ops = count_collectives(graph)
+        ops["sdpa"] = sum(n.op == "call_function" and "scaled_dot_product" in str(n.target) for n in graph.graph.nodes)
+        out[_variant_name(key)] = {k: v for k, v in ops.items() if v}
     return out
 
 

@@ -1,6 +1,8 @@
 """Shared test helpers: compile a tiny model with the duca backend and check it against the oracle."""
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from duca_compile import duca_backend
@@ -47,3 +49,22 @@ def run_against_oracle(family, model, fast, ts, batch=2, atol=1e-5, input_seed=0
                                    msg=lambda m: f"step {i} ({st.last_plan.mode.value}): {m}")
         modes.append(st.last_plan.mode.value)
     return modes
+
+
+@contextlib.contextmanager
+def recorded_calls(pipe):
+    """(new request?, step, slot, num_steps, cache_context name) of every transformer call of an
+    enabled pipeline, as its driver hands them out."""
+    driver = state_of(pipe.transformer).driver
+    original, calls = driver.next_call, []
+
+    def next_call():
+        call = original()
+        calls.append((*call, driver.context))
+        return call
+
+    driver.next_call = next_call
+    try:
+        yield calls
+    finally:
+        del driver.next_call

@@ -21,7 +21,7 @@ def found(tmp_path_factory):
     import torch.distributed as dist
 
     if not dist.is_available() or not dist.is_gloo_available():
-        pytest.skip("torch.distributed with gloo is needed")
+        pytest.skip("this torch build has no torch.distributed with the gloo backend, which the 2 CPU ranks talk over")
     out = tmp_path_factory.mktemp("cp") / "found.json"
     worker = os.path.join(os.path.dirname(__file__), "context_parallel_worker.py")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

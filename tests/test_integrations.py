@@ -1,7 +1,6 @@
 """What people combine caching with: partial schedules, offloading, LoRA, torchao quantization, and
 looking inside (``duca_compile.dump``, depyf). Tiny random-init pipelines, eager inner compiler
 unless a test says otherwise; every test writes its row of the README's "Works with" table."""
-import contextlib
 import os
 import warnings
 
@@ -13,7 +12,7 @@ from duca_compile import DuCaConfig, FORAConfig
 from duca_compile.integrations.diffusers import disable, enable
 from duca_compile.models import make_model, make_pipeline, pipeline_call_kwargs
 from duca_compile.runtime import state_of
-from helpers import compile_tiny, run_against_oracle, timesteps
+from helpers import compile_tiny, recorded_calls, run_against_oracle, timesteps
 from works_with import works_with
 
 # a step that ran without the compiled transformer fails the test
@@ -32,18 +31,6 @@ def _run(pipe, name="flux", steps=4, **kw):
     return pipe(**pipeline_call_kwargs(name, pipe, steps, **kw))[0]
 
 
-@contextlib.contextmanager
-def _calls(pipe):
-    """(new request?, step, slot, num_steps) of every transformer call."""
-    driver, calls = state_of(pipe.transformer).driver, []
-    original = driver.next_call
-    driver.next_call = lambda: calls.append(original()) or calls[-1]
-    try:
-        yield calls
-    finally:
-        del driver.next_call
-
-
 def _fresh(config, name="flux", setup=None, **kw):
     """The result of a fresh pipeline: built, ``setup(pipe)``, enabled, run once."""
     torch._dynamo.reset()
@@ -60,10 +47,10 @@ def test_img2img_strength_runs_the_tail_as_a_request_of_its_own():
     config = FORAConfig(interval=3)
     pipe = enable(_pipe("flux-img2img"), config, inner="eager")
     _run(pipe, "flux-img2img", steps=8, strength=0.5)
-    with _calls(pipe) as calls:
+    with recorded_calls(pipe) as calls:
         out = _run(pipe, "flux-img2img", steps=8, strength=0.5)
     assert len(pipe.scheduler.timesteps) == 8 and pipe.scheduler.begin_index == 4
-    assert calls == [(i == 0, i, 0, 4) for i in range(4)]          # the policy sees 4 steps, 0..3
+    assert [c[:4] for c in calls] == [(i == 0, i, 0, 4) for i in range(4)]   # the policy sees 4 steps, 0..3
     st = state_of(pipe.transformer)
     assert st.num_steps == 4
     s = duca_compile.stats(pipe.transformer)
@@ -84,13 +71,13 @@ def test_interrupted_request_ends_and_the_next_starts_clean():
 
     pipe = enable(_pipe("flux"), config, inner="eager")
     _run(pipe, steps=6)
-    with _calls(pipe) as calls:
+    with recorded_calls(pipe) as calls:
         _run(pipe, steps=6, callback_on_step_end=stop_after_two)
     assert [c[1] for c in calls] == [0, 1]                           # the loop skips the rest
     assert not state_of(pipe.transformer).driver.active             # the pipeline call ended the request
-    with _calls(pipe) as calls:
+    with recorded_calls(pipe) as calls:
         out = _run(pipe, steps=6)
-    assert calls[0] == (True, 0, 0, 6) and [c[1] for c in calls] == list(range(6))
+    assert calls[0][:4] == (True, 0, 0, 6) and [c[1] for c in calls] == list(range(6))
     assert torch.equal(out, _fresh(config, steps=6))
     assert duca_compile.stats(pipe.transformer)["requests"] == 3
     works_with("interrupt", "`callback_on_step_end` that sets `pipe._interrupt` after step 1 of 6",

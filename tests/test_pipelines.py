@@ -15,6 +15,7 @@ from duca_compile.integrations.diffusers import disable, enable
 from duca_compile.runtime import state_of, states_of
 from duca_compile.models import PIPELINE_FAMILIES, make_pipeline, needs_transformers, pipeline_call_kwargs
 from duca_compile.models.pipelines import PIPELINES
+from helpers import recorded_calls
 from works_with import works_with
 
 # a step that ran without the compiled transformer fails the test
@@ -35,24 +36,6 @@ def _run(family, pipe, steps=STEPS, **kw):
     return pipe(**pipeline_call_kwargs(family, pipe, steps, **kw))[0]
 
 
-@contextlib.contextmanager
-def _recorded_calls(pipe):
-    """(new request?, step, slot, num_steps, cache_context name) of every transformer call."""
-    driver = state_of(pipe.transformer).driver
-    original, calls = driver.next_call, []
-
-    def next_call():
-        call = original()
-        calls.append((*call, driver.context))
-        return call
-
-    driver.next_call = next_call
-    try:
-        yield calls
-    finally:
-        del driver.next_call
-
-
 def _unique_graphs():
     return torch._dynamo.utils.counters["stats"]["unique_graphs"]
 
@@ -71,7 +54,7 @@ def test_enabled_pipeline_caches_and_is_deterministic(family):
     assert s["steps"]["full"] == passes * ((n + 1) // 2) and s["steps"]["reuse"] == passes * (n // 2)   # F R F R
     assert s["cache_hits"] > 0 and state_of(pipe.transformer).num_steps == n
 
-    with torch.compiler.set_stance("fail_on_recompile"), _recorded_calls(pipe) as calls:
+    with torch.compiler.set_stance("fail_on_recompile"), recorded_calls(pipe) as calls:
         second = _run(family, pipe)
     assert torch.equal(first, second)
     # One request: steps 0..n-1 counted by scheduler.step; separate cond / uncond calls (Wan,
@@ -131,7 +114,7 @@ def test_flux_true_cfg_passes_get_their_cache_context_slot(monkeypatch):
     assert s["steps"]["full"] == 4 and s["steps"]["reuse"] == 4
     assert names[:4] == ["cond", None, "uncond", None]           # diffusers' own cache_context still runs
 
-    with _recorded_calls(pipe) as calls:
+    with recorded_calls(pipe) as calls:
         assert torch.equal(_run("flux", pipe, guidance_scale=3.0), first)
     expected = [(i == 0 and name == "cond", i, slot, STEPS, name)
                 for i in range(STEPS) for slot, name in enumerate(("cond", "uncond"))]
@@ -158,7 +141,7 @@ def test_steps_come_from_the_scheduler_not_the_timesteps():
     _run("sd3", pipe, steps=3)
     n = len(pipe.scheduler.timesteps)
     assert n == 5 and len(set(pipe.scheduler.timesteps.tolist())) == 3
-    with _recorded_calls(pipe) as calls:
+    with recorded_calls(pipe) as calls:
         _run("sd3", pipe, steps=3)
     assert calls == [(i == 0, i, 0, n, None) for i in range(n)]
     s = duca_compile.stats(pipe.transformer)
