@@ -39,7 +39,7 @@ class Setup:
 
 
 # DiT-XL/2's evaluation setting in the official DuCa code: DDIM 50, guidance 1.5
-QUICK = Setup(samples=20, batch=10, steps=10, guidance=1.5, inner="eager", sweep=(3,))
+QUICK = Setup(samples=10, batch=5, steps=8, guidance=1.5, inner="eager", sweep=(3,))
 STANDARD = Setup(samples=500, batch=100, steps=50, guidance=1.5, inner="inductor", sweep=(2, 3, 4, 5, 6))
 
 

@@ -215,7 +215,8 @@ def state_for(owner: owners.Owner, settings, on_new=None) -> ModelState:
     if st is None:
         st = owner.states[settings] = ModelState(settings.config, settings)
         module = owner.module() if owner.module is not None else None
-        st.seed_offset = context_parallel_rank(module)
+        rank, world, group = context_parallel(module)
+        st.seed_offset, st.selector.world, st.selector.group = rank, world, group
         pending = _PENDING.get(id(module)) if module is not None else None
         if pending is not None and pending[0]() is module and pending[1] in (None, settings):
             st.driver = pending[2]                # a sampling() entered before the first call
@@ -224,15 +225,19 @@ def state_for(owner: owners.Owner, settings, on_new=None) -> ModelState:
     return st
 
 
-def context_parallel_rank(module) -> int:
-    """This process's rank when ``module`` runs under diffusers' context parallelism, else 0. Each
-    rank then holds a shard of the tokens and draws its SUBSET tokens (ratio x its own tokens:
-    a stratified share of the global k) from its own stream, seed + rank, so the ranks pick other
-    local positions and their union never repeats a token."""
-    if getattr(module, "_parallel_config", None) is None or not torch.distributed.is_available() \
-            or not torch.distributed.is_initialized():
-        return 0
-    return torch.distributed.get_rank()
+def context_parallel(module) -> tuple[int, int, object]:
+    """(rank, world size, process group) when ``module`` runs under diffusers' context parallelism,
+    else (0, 1, None). Each rank then holds a shard of the tokens and draws its SUBSET tokens
+    (ratio x its own tokens: a stratified share of the global k) from its own stream, seed + rank,
+    so the ranks pick other local positions and their union never repeats a token."""
+    config = getattr(module, "_parallel_config", None)
+    if config is None or not torch.distributed.is_available() or not torch.distributed.is_initialized():
+        return 0, 1, None
+    cp = getattr(config, "context_parallel_config", None)
+    mesh = getattr(cp, "_flattened_mesh", None)       # diffusers' ring x ulysses mesh, once enabled
+    if mesh is None:
+        return torch.distributed.get_rank(), torch.distributed.get_world_size(), None
+    return mesh.get_local_rank(), mesh.size(), mesh.get_group()
 
 
 def states_of(model) -> list[ModelState]:

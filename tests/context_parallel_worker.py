@@ -10,6 +10,7 @@ Test-only shims, not the product: a CPU-only torch reports ``torch.accelerator.d
 logs a warning (a graph break: the logger is ignored) and inspects its block's signature on first
 use (one eager forward first).
 """
+import dataclasses
 import json
 import logging
 import sys
@@ -44,23 +45,29 @@ def _attention_with_lse(ctx, query, key, value, attn_mask=None, dropout_p=0.0, i
     return (out, lse.transpose(1, 2)) if return_lse else out
 
 
+def _inputs(family, model, t, seed):
+    from duca_compile.models import make_inputs
+
+    kw = make_inputs(family, model, timestep=t, seed=seed)
+    if family == "flux2":        # its _cp_plan splits the ids as [batch, seq, 4]
+        for k in ("img_ids", "txt_ids"):
+            kw[k] = kw[k].unsqueeze(0).expand(2, -1, -1).contiguous()
+    if family == "ltx-video":    # LTX's CP cross-attention cannot reshape a text mask (fails uncached too)
+        kw["encoder_attention_mask"] = None
+    return kw
+
+
 def run_family(name: str) -> dict:
     import diffusers.models.attention_dispatch as dispatch
     from diffusers import ContextParallelConfig
 
     import duca_compile
     from duca_compile import ScriptedConfig
-    from duca_compile.models import make_inputs, make_model
+    from duca_compile.models import make_model
     from duca_compile.runtime import state_of
 
     def inputs(model, t, seed):
-        kw = make_inputs(family, model, timestep=t, seed=seed)
-        if family == "flux2":        # its _cp_plan splits the ids as [batch, seq, 4]
-            for k in ("img_ids", "txt_ids"):
-                kw[k] = kw[k].unsqueeze(0).expand(2, -1, -1).contiguous()
-        if family == "ltx-video":    # LTX's CP cross-attention cannot reshape a text mask (fails uncached too)
-            kw["encoder_attention_mask"] = None
-        return kw
+        return _inputs(family, model, t, seed)
 
     family, ring = name.removesuffix("-ring"), name.endswith("-ring")
     world = dist.get_world_size()
@@ -95,29 +102,91 @@ def run_family(name: str) -> dict:
     # (the ring shim stays for the rest of the run: later families are Ulysses, which never asks for the LSE)
 
 
-def subset_shares(family: str) -> dict:
-    """DuCa's conservative step under CP: every rank's SUBSET tokens of one site, as global positions."""
+def _global_positions(local: torch.Tensor, tokens: int, rank: int):
+    """A rank's token indices of a site as positions in one process's sequence. Every stream is
+    split in contiguous shards; the token-wise sites here hold one stream each (the joint ones
+    follow self-attention, which mixes tokens: they are reused on SUBSET steps)."""
+    return rank * tokens + local
+
+
+def subset_vs_oracle(name: str) -> dict:
+    """DuCa (conservative steps: SUBSET) under CP, every step against the eager oracle on the
+    one-process twin given the same global token set (the ranks' shares, gathered), and the
+    kv-norm scores each rank recorded against one process's for the same tokens."""
     from diffusers import ContextParallelConfig
 
     import duca_compile
-    from duca_compile.models import make_inputs, make_model
+    from duca_compile.models import make_model
+    from duca_compile.reference import ReferenceCache
     from duca_compile.runtime import state_of
 
-    model = make_model(family)
-    model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=dist.get_world_size()))
-    fast = torch.compile(model, backend=duca_compile.duca_backend(duca_compile.DuCaConfig(interval=3, ratio=0.5),
-                                                                  inner="eager"), dynamic=False)
-    for i, t in enumerate((900.0, 800.0)):                             # F C
-        fast(**make_inputs(family, model, timestep=t, seed=i))
-    st = state_of(fast)
-    site = next(name for name in st.last_indices)
-    local = st.last_indices[site][0]
-    runner, _ = st.graphs()[0]
-    shard = next(s.tokens[0] for s in runner.sitemap.sites if s.name == site)
-    shares = [None] * dist.get_world_size()
-    dist.all_gather_object(shares, (local + dist.get_rank() * shard).tolist())
-    return {"mode": st.last_plan.mode.value, "site": site, "shard_tokens": shard, "shares": shares,
-            "seed_offset": st.seed_offset}
+    family, ring = name.removesuffix("-ring"), name.endswith("-ring")
+    world = dist.get_world_size()
+    # ring attention runs through the test's LSE kernel, which kv-norm cannot read a value from
+    config = duca_compile.DuCaConfig(interval=3, ratio=0.5, selection="random" if ring else "kv-norm",
+                                     soft_fresh_weight=0.25, spatial_grid=2, spatial_bonus=0.4)
+    single_model, cp_model, oracle_model = make_model(family), make_model(family), make_model(family)
+    cp_model.enable_parallelism(config=ContextParallelConfig(ring_degree=world) if ring else
+                                ContextParallelConfig(ulysses_degree=world))
+    if family == "wan":
+        cp_model(**_inputs(family, cp_model, 950.0, 99))
+    backend = duca_compile.duca_backend(config, inner="eager")
+    cp = torch.compile(cp_model, backend=backend, dynamic=False)
+    single = torch.compile(single_model, backend=backend, dynamic=False)
+    refused = None
+    if ring:                    # kv-norm has no value to read there: refused when the graph compiles
+        kv = torch.compile(cp_model, backend=duca_compile.duca_backend(
+            dataclasses.replace(config, selection="kv-norm"), inner="eager"), dynamic=False)
+        try:
+            kv(**_inputs(family, cp_model, 900.0, 0))
+        except Exception as e:  # noqa: BLE001 - Dynamo wraps the backend's error
+            refused = f"{type(e).__name__}: {e}"[:500]
+        torch._dynamo.reset()
+    steps, score_diff, scored = [], 0.0, 0
+    for i, t in enumerate(900.0 - j * 160.0 for j in range(6)):
+        kw = _inputs(family, single_model, t, i)
+        got = cp(**kw)[0]
+        st = state_of(cp)
+        if i == 0:
+            oracle = ReferenceCache.from_compiled(oracle_model, cp)
+            cp_runner, cp_piece = st.graphs()[0]
+            sites = cp_runner.sitemap.sites
+        idx, per_rank = {}, {}          # site -> global indices [batch, world x k]; and each rank's share
+        for site, local in st.last_indices.items():
+            shares = [torch.empty_like(local) for _ in range(world)]
+            dist.all_gather(shares, local.contiguous())
+            tokens = next(x.tokens[0] for x in sites if x.name == site)
+            per_rank[site] = [_global_positions(s, tokens, r) for r, s in enumerate(shares)]
+            idx[site] = torch.cat(per_rank[site], 1)
+        actions = {n: a * world if isinstance(a, int) else a for n, a in st.last_actions.items()}
+        want = oracle.run(actions, st.last_skip, idx, slot=st.slot, step=st.step, **kw)[0]
+        steps.append({"mode": st.last_plan.mode.value, "diff": (got - want).abs().max().item(),
+                      "tokens": {s: [v[0].tolist() for v in shares] for s, shares in per_rank.items()}})
+        if i == 0 and config.selection == "kv-norm":
+            single(**kw)
+            _, single_piece = state_of(single).graphs()[0]
+            for key, local in cp_piece.slots[0].by_key.items():
+                if key.startswith("vnorm:"):
+                    shares = [torch.empty_like(local) for _ in range(world)]
+                    dist.all_gather(shares, local)
+                    block, tokens = key.rsplit(":", 1)[0], int(key.rsplit(":", 1)[1])
+                    one = single_piece.slots[0].by_key[f"{block}:{tokens * world}"]
+                    pos = torch.cat([_global_positions(torch.arange(tokens), tokens, r)
+                                     for r in range(world)])
+                    score_diff = max(score_diff, (torch.cat(shares, 1) - one[:, pos]).abs().max().item())
+                    # scores mixed with staleness are normalised over the global tokens
+                    unit = [torch.empty_like(local) for _ in range(world)]
+                    dist.all_gather(unit, st.selector._normalize(local))
+                    want = torch.nn.functional.normalize(one[:, pos], dim=-1)
+                    score_diff = max(score_diff, (torch.cat(unit, 1) - want).abs().max().item())
+                    scored += 1
+    s = duca_compile.stats(cp)
+    stats, offsets = [None] * world, [None] * world
+    dist.all_gather_object(offsets, st.seed_offset)
+    dist.all_gather_object(stats, {k: s[k] for k in ("cache_hits", "steps", "tokens_per_site", "flop_ratio")})
+    return {"steps": steps, "score_diff": score_diff, "scored": scored, "stats": stats,
+            "site_tokens": {x.name: x.tokens[0] for x in sites}, "seed_offsets": offsets, "kv_norm_refused": refused,
+            "reasons": {x.name: x.subset_reason for x in sites if getattr(x, "subset_reason", None)}}
 
 
 def pipeline_under_cp() -> dict:
@@ -164,9 +233,8 @@ def main(out_path: str, families: list[str]) -> None:
             torch._dynamo.reset()
             try:
                 found[family] = run_family(family)
-                if family == "flux":
-                    torch._dynamo.reset()
-                    found[family]["subset"] = subset_shares(family)
+                torch._dynamo.reset()
+                found[family]["oracle"] = subset_vs_oracle(family)
             except Exception as e:       # noqa: BLE001 - reported to the test, which fails on it
                 found[family] = {"error": f"{type(e).__name__}: {e}"[:2000]}
         try:

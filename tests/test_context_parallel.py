@@ -53,9 +53,11 @@ def test_reused_branches_take_their_collectives_and_attention_with_them(found, f
 
 
 def test_subset_tokens_are_a_stratified_share_per_rank(found):
-    sub = found["flux"]["subset"]
-    shares, shard = sub["shares"], sub["shard_tokens"]
-    assert sub["mode"] == "subset" and len(shares) == 2
+    r = found["flux-ring"]["oracle"]                                    # random selection
+    step = next(s for s in r["steps"] if s["mode"] == "subset")
+    shard = r["site_tokens"]["transformer_blocks.0.ff"]                 # image tokens per rank
+    shares = step["tokens"]["transformer_blocks.0.ff"]
+    assert len(shares) == 2 and r["seed_offsets"] == [0, 1]            # rank 1 draws from seed + 1
     everything = [t for share in shares for t in share]
     assert len(everything) == len(set(everything)) == 2 * len(shares[0])   # never a token twice
     assert len(everything) == 0.5 * 2 * shard                              # ratio 0.5 of the global tokens
@@ -68,3 +70,32 @@ def test_enable_on_a_pipeline_whose_transformer_runs_context_parallel(found):
     assert "error" not in r, r.get("error")
     assert r["diff"] < 1e-5                                               # = the same pipeline in one process
     assert r["cache_hits"] > 0 and r["steps"]["reuse"] == 2 and r["steps"]["full"] == 2
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_subset_under_context_parallelism_equals_the_oracle_on_the_same_global_tokens(found, family):
+    r = found[family]["oracle"]
+    assert "error" not in r, r.get("error")
+    assert [s["mode"] for s in r["steps"]] == ["full", "subset", "skip"] * 2
+    assert max(s["diff"] for s in r["steps"]) < 1e-5
+    for step in r["steps"]:
+        if step["mode"] != "subset":
+            continue
+        assert step["tokens"]                                           # SUBSET sites did compute tokens
+        for site, shares in step["tokens"].items():
+            union = [t for share in shares for t in share]
+            assert len(union) == len(set(union)) == 2 * len(shares[0])  # the ranks' shares never overlap
+    if family.endswith("-ring"):
+        assert "selection='kv-norm' needs the self-attention value" in r["kv_norm_refused"]
+    else:
+        # kv-norm: each rank scored its tokens as one process scores them (every head), normalised globally
+        assert r["scored"] > 0 and r["score_diff"] < 1e-5
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_rank_counts_the_same_hits_steps_tokens_and_flops(found, family):
+    ranks = found[family]["oracle"]["stats"]
+    assert len(ranks) == 2 and ranks[0] == ranks[1]
+    s = ranks[0]
+    assert s["cache_hits"] > 0 and s["steps"]["subset"] == 2 and s["steps"]["skip"] == 2
+    assert 0 < s["flop_ratio"] < 0.7

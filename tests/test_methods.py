@@ -204,6 +204,25 @@ def test_spatial_bonus_raises_the_best_token_of_each_patch():
     assert torch.equal(top, grid_best.sort().values)
 
 
+@pytest.mark.parametrize("world", [2, 4])
+def test_spatial_bonus_of_a_context_parallel_shard_is_its_rows_of_the_global_grid(world):
+    """Under context parallelism a rank holds side / world whole rows of the token grid: its bonus
+    is the one-process bonus of the global scores, restricted to its rows (not "off: not square")."""
+    from duca_compile.policies.token_selection import TokenSelector
+
+    warned = []
+    one = TokenSelector(ToCaConfig(spatial_grid=2, spatial_bonus=3.0), lambda *a: warned.append(a))
+    shard = TokenSelector(ToCaConfig(spatial_grid=2, spatial_bonus=3.0), lambda *a: warned.append(a))
+    shard.world = world
+    score = torch.rand(3, 64)                                       # 8 x 8 grid
+    want = one._spatial_bonus("s", score)
+    rows = 64 // world
+    got = torch.cat([shard._spatial_bonus("s", score[:, r * rows:(r + 1) * rows]) for r in range(world)], 1)
+    assert torch.equal(got, want) and not torch.equal(want, score) and not warned
+    shard.world = 8                                                 # one row per rank: patches would span ranks
+    assert torch.equal(shard._spatial_bonus("s", score[:, :8]), score[:, :8]) and warned
+
+
 def test_too_many_variants_warns():
     model, fast = compile_tiny("dit", ScriptedConfig(modes=("full", "reuse", "subset", "skip"), max_variants=2))
     with pytest.warns(UserWarning, match="variants compiled for one graph"):

@@ -46,11 +46,15 @@ class InputSpec:
 class ValueNorm:
     """Where a block's token scores come from (kv-norm): the self-attention value node
     ``[batch, heads, T, head_dim]``, rows ``start .. start + tokens`` of its token axis (joint
-    attention holds the text and image tokens in one value: each stream is a slice)."""
+    attention holds the text and image tokens in one value: each stream is a slice). Under
+    context parallelism it is the rank's value before the exchange, ``[batch, T, heads, head_dim]``
+    (``token_axis`` 1): its own tokens with every head, as one process would score them."""
 
     node: str
     start: int
     tokens: int
+    token_axis: int = 2
+    head_axis: int = 1
 
 
 def vnorm_key(block: str, tokens: int) -> str:
@@ -142,7 +146,10 @@ def _value_nodes(gm: fx.GraphModule, sitemap: SiteMap) -> dict[str, list[ValueNo
                 continue
             val = value.meta.get("example_value")
             if isinstance(val, torch.Tensor) and val.ndim == 4:
-                for v in _token_slices(value, int(val.shape[2]), wanted):
+                local = _before_exchange(value)
+                slices = _token_slices(value, int(val.shape[2]), wanted) if local is None else \
+                    _token_slices(local, int(local.meta["example_value"].shape[1]), wanted, token_axis=1)
+                for v in slices:
                     if v not in out.setdefault(site.block, []):
                         out[site.block].append(v)
     for s in sitemap.sites:
@@ -153,12 +160,33 @@ def _value_nodes(gm: fx.GraphModule, sitemap: SiteMap) -> dict[str, list[ValueNo
     return out
 
 
-def _token_slices(value: fx.Node, total: int, wanted: set) -> list[ValueNorm]:
+def _before_exchange(value: fx.Node) -> fx.Node | None:
+    """Under context parallelism the attention's value ``[batch, heads, S, head_dim]`` comes out of a
+    collective (Ulysses' all-to-all: S = world x the rank's tokens, heads / world; ring's all-gather).
+    Then the rank's own value before it: the first 4-d ancestor ``[batch, T, H, head_dim]`` with
+    as many elements per row (T x H = S x heads); None when no collective feeds the value."""
+    b, h, s, d = value.meta["example_value"].shape
+    node, crossed = value, False
+    for _ in range(24):                                 # view / permute / flatten / wait / exchange hops
+        val = node.meta.get("example_value")
+        if crossed and isinstance(val, torch.Tensor) and val.ndim == 4 and val.shape[0] == b \
+                and val.shape[3] == d and val.shape[1] * val.shape[2] == s * h:
+            return node
+        crossed = crossed or "_c10d_functional" in str(node.target)
+        inputs = [i for i in node.all_input_nodes if isinstance(i.meta.get("example_value"), torch.Tensor)]
+        if len(inputs) != 1:
+            return None
+        node = inputs[0]
+    return None
+
+
+def _token_slices(value: fx.Node, total: int, wanted: set, token_axis: int = 2) -> list[ValueNorm]:
     """The value's token rows that belong to each wanted token count: all of them, or, for joint
     attention, the parts of the ``cat`` along the token axis that built it (found through the
     head split / transposes in between)."""
+    axes = {"token_axis": token_axis, "head_axis": 3 - token_axis}
     if total in wanted:
-        return [ValueNorm(value.name, 0, total)]
+        return [ValueNorm(value.name, 0, total, **axes)]
     node = value
     for _ in range(8):                                  # view / transpose / permute / contiguous hops
         if node.op == "call_function" and node.target in (torch.cat, torch.concat, torch.ops.aten.cat.default):
@@ -172,7 +200,7 @@ def _token_slices(value: fx.Node, total: int, wanted: set) -> list[ValueNorm]:
             if sum(lengths) != total:
                 return []
             starts = [sum(lengths[:i]) for i in range(len(lengths))]
-            return [ValueNorm(value.name, a, n) for a, n in zip(starts, lengths) if n in wanted]
+            return [ValueNorm(value.name, a, n, **axes) for a, n in zip(starts, lengths) if n in wanted]
         inputs = [i for i in node.all_input_nodes if isinstance(i.meta.get("example_value"), torch.Tensor)]
         if len(inputs) != 1:
             return []

@@ -24,11 +24,11 @@ def record_value_norms(ctx: VariantContext) -> None:
         if block not in computed:
             continue
         for v in slices:
-            value = nodes[v.node]                             # [batch, heads, T, head_dim]
+            value = nodes[v.node]             # [batch, heads, T, head_dim] or, under CP, [batch, T, heads, head_dim]
             with graph.inserting_before(value.next):
-                rows = graph.call_function(aten.slice.Tensor, (value, 2, v.start, v.start + v.tokens))
+                rows = graph.call_function(aten.slice.Tensor, (value, v.token_axis, v.start, v.start + v.tokens))
                 v32 = graph.call_function(aten._to_copy.default, (rows,), {"dtype": torch.float32})
                 norm = graph.call_function(aten.linalg_vector_norm.default, (v32, 2, [-1]))
                 score = graph.call_function(aten.sum.dim_IntList,
-                                            (graph.call_function(aten.rsub.Scalar, (norm, 1)), [1]))
+                                            (graph.call_function(aten.rsub.Scalar, (norm, 1)), [v.head_axis]))
                 graph.call_function(aten.copy_.default, (ctx.cache_nodes[vnorm_key(block, v.tokens)], score))

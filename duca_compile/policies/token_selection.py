@@ -8,6 +8,12 @@ off the ranking): a handful of small ops per step instead of a handful per site,
 are kernel launches. With an even batch and ``share_cfg_indices``
 the two classifier-free-guidance halves share one selection (their scores averaged), as the
 official code does.
+
+Under context parallelism (``shard``: this rank's index, the world size and the process group)
+each rank holds a contiguous shard of every token stream and selects its own share, k / world,
+from scores that mean what they mean on one GPU: kv-norm scores are normalised over the global
+tokens (one all-reduce of a sum of squares, only where staleness is mixed in and the scale
+matters), and the spatial bonus works on the rank's rows of the global grid.
 """
 from __future__ import annotations
 
@@ -27,6 +33,7 @@ class TokenSelector:
         self.grid, self.bonus = getattr(config, "spatial_grid", 0), float(getattr(config, "spatial_bonus", 0.0))
         self.staleness: dict[str, torch.Tensor] = {}
         self._masks: dict[tuple, torch.Tensor] = {}
+        self.world, self.group = 1, None      # context parallelism: set by the model's state
 
     def reset(self) -> None:
         self.staleness = {}
@@ -59,7 +66,7 @@ class TokenSelector:
             if scored:
                 s = torch.stack([requests[i][4] for i in members]).float()
                 s = s.view(len(members), batch // rows, rows, tokens).mean(1) if rows != batch else s
-                score = torch.nn.functional.normalize(s, dim=-1)
+                score = self._normalize(s)
             else:
                 score = torch.rand(len(members), rows, tokens, generator=generator, device=device)
             stale = torch.stack([self._stale(site, rows, tokens, device) for site in sites])
@@ -77,6 +84,15 @@ class TokenSelector:
                 out[i] = (idx.repeat(batch // rows, 1) if rows != batch else idx).contiguous()
         return out
 
+    def _normalize(self, s: torch.Tensor) -> torch.Tensor:
+        """Unit L2 norm over the tokens, the global ones under context parallelism. Alone, the
+        scale does not change a ranking; with staleness added to it, it does."""
+        if self.world == 1 or not self.soft_weight:
+            return torch.nn.functional.normalize(s, dim=-1)
+        squares = s.square().sum(-1, keepdim=True)
+        torch.distributed.all_reduce(squares, group=self.group)
+        return s / squares.sqrt().clamp_min(1e-12)
+
     def _taken(self, ks: list, device) -> torch.Tensor:
         """[sites, 1, max k]: 1 where a rank is within the site's k (made once per k-tuple: no copy per call)."""
         key = (tuple(ks), str(device))
@@ -90,13 +106,16 @@ class TokenSelector:
         return stale if stale is not None and stale.shape == (rows, tokens) else torch.zeros(rows, tokens, device=device)
 
     def _spatial_bonus(self, site: str, score: torch.Tensor) -> torch.Tensor:
+        """s4 on the square grid of the (global) tokens: a rank's shard is ``side / world`` whole rows of it."""
         rows, n = score.shape
-        side, g = math.isqrt(n), self.grid
-        if side * side != n or side % g:
-            self.warn_once(f"grid:{site}", f"duca: {site} has {n} tokens, not a square grid divisible by "
-                           f"spatial_grid={g}; the spatial bonus is off there")
+        side, g = math.isqrt(n * self.world), self.grid
+        height = side // self.world
+        if side * side != n * self.world or side % g or side % self.world or height % g:
+            shard = f" ({n} on this rank of {self.world})" if self.world > 1 else ""
+            self.warn_once(f"grid:{site}", f"duca: {site} has {n * self.world} tokens{shard}, not a square grid "
+                           f"whose rows split into spatial_grid={g} patches per rank; the spatial bonus is off there")
             return score
-        patches = score.view(rows, side // g, g, side // g, g).permute(0, 1, 3, 2, 4).reshape(rows, -1, g * g)
+        patches = score.view(rows, height // g, g, side // g, g).permute(0, 1, 3, 2, 4).reshape(rows, -1, g * g)
         best = torch.nn.functional.one_hot(patches.argmax(-1), g * g).to(score.dtype)
-        best = best.view(rows, side // g, side // g, g, g).permute(0, 1, 3, 2, 4).reshape(rows, n)
+        best = best.view(rows, height // g, side // g, g, g).permute(0, 1, 3, 2, 4).reshape(rows, n)
         return score * (1 + self.bonus * best)
