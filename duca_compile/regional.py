@@ -28,7 +28,7 @@ from .passes.find_sites import Site
 from .policies import Mode, StepPlan
 from .policies.base import effective_mode
 from .runner import GraphRunner, Piece, derive
-from .runtime import state_for, timestep_value
+from .runtime import state_for
 
 __all__ = ["BlockRunner", "BlockLookup", "BlockStack", "SKIP_IN_REGIONAL", "block_graph_key"]
 

@@ -184,7 +184,9 @@ def subset_vs_oracle(name: str) -> dict:
     stats, offsets = [None] * world, [None] * world
     dist.all_gather_object(offsets, st.seed_offset)
     dist.all_gather_object(stats, {k: s[k] for k in ("cache_hits", "steps", "tokens_per_site", "flop_ratio")})
-    return {"steps": steps, "score_diff": score_diff, "scored": scored, "stats": stats,
+    subset_ops = next(ops for name, ops in _variant_ops(cp_runner).items() if name.startswith("SUBSET"))
+    return {"steps": steps, "score_diff": score_diff, "scored": scored, "stats": stats, "subset_ops": subset_ops,
+            "subsettable": [x.name for x in sites if x.subsettable],
             "site_tokens": {x.name: x.tokens[0] for x in sites}, "seed_offsets": offsets, "kv_norm_refused": refused,
             "reasons": {x.name: x.subset_reason for x in sites if getattr(x, "subset_reason", None)}}
 

@@ -99,3 +99,15 @@ def test_every_rank_counts_the_same_hits_steps_tokens_and_flops(found, family):
     s = ranks[0]
     assert s["cache_hits"] > 0 and s["steps"]["subset"] == 2 and s["steps"]["skip"] == 2
     assert 0 < s["flop_ratio"] < 0.7
+
+
+def test_a_branch_that_communicates_runs_on_k_tokens_with_its_exchanges(found):
+    """LTX-Video's CP cross-attention exchanges its queries and output (Ulysses all-to-all): on a
+    SUBSET step it runs on the k selected tokens, exchanges and all, instead of being reused."""
+    r, full = found["ltx-video"]["oracle"], found["ltx-video"]["variants"]["FULL"]
+    assert {"transformer_blocks.0.attn2", "transformer_blocks.1.attn2"} <= set(r["subsettable"])
+    subset = next(s for s in r["steps"] if s["mode"] == "subset")
+    assert "transformer_blocks.0.attn2" in subset["tokens"]
+    # self-attention is reused (its exchanges and attention gone); cross-attention keeps its own
+    assert r["subset_ops"]["all_to_all_single"] == full["all_to_all_single"] // 2
+    assert r["subset_ops"]["sdpa"] == full["sdpa"] // 2 == 2
