@@ -47,7 +47,7 @@ def duca_methods(setup: Setup) -> list[tuple[str, str, object]]:
     """(method, knob, config): FORA N; ToCa; DuCa v2 (random) and v1 (kv-norm) N; TaylorSeer; ClusCa.
 
     ToCa and DuCa keep the DiT-XL/2 presets' step rules (DDIM counting down, interval
-    ``N / (1.4 − 0.8 x/T)``, forced 2 on 10 <= x < 20) and scores (staleness, spatial bonus), with a
+    ``N / (1.4 − 0.8 x/T)``, forced 2 on int(0.2T) <= x < int(0.4T)) and scores (staleness, spatial bonus), with a
     constant ratio instead of the ToCa-ddim50 schedule: that schedule gives almost every conservative
     step its own k, ~20 compiled variants per config, which the speed benchmark times on the exact
     presets. TaylorSeer and ClusCa are the presets."""

@@ -1,4 +1,5 @@
 """Schedules of the policies, as properties over any step count and interval (no compiling)."""
+import dataclasses
 import math
 
 from hypothesis import given, settings
@@ -46,7 +47,7 @@ def _letters(config, steps):
 
 @settings(max_examples=200)
 @given(n=st.integers(1, 8), steps=st.integers(1, 80), weight=st.sampled_from([0.0, 0.4]),
-       forced=st.sampled_from([(), ((10, 20, 2),)]))
+       forced=st.sampled_from([(), ((10, 20, 2),), ((0.2, 0.4, 2),), ((0.0, 0.3, 1), (0.5, 0.75, 4))]))
 def test_duca_counting_down_follows_the_official_dit_rule(n, steps, weight, forced):
     """Re-derive the DiT schedule from the rule as written (x counts down; full when x % I == 0,
     I recomputed there; odd residue conservative, even aggressive) and compare."""
@@ -55,7 +56,9 @@ def test_duca_counting_down_follows_the_official_dit_rule(n, steps, weight, forc
     for x in range(steps - 1, -1, -1):
         if x == steps - 1 or x % interval == 0:
             expected += "F"
-            f = next((v for lo, hi, v in forced if lo <= x < hi), None)
+            bounds = [(int(lo * steps), int(hi * steps), v) if isinstance(lo, float) else (lo, hi, v)
+                      for lo, hi, v in forced]                       # fractions of T: int(f·T)
+            f = next((v for lo, hi, v in bounds if lo <= x < hi), None)
             interval = f or max(1, round(n / (1 + weight - 2 * weight * x / steps))) if weight or f else n
         else:
             expected += "C" if (x % interval) % 2 else "A"
@@ -69,6 +72,19 @@ def test_dit_duca_preset_runs_the_interval_down_to_two():
     assert letters[30:40] == "CF" * 5                  # forced I = 2 for x in [10, 20): full on even x
     counts = {c: letters.count(c) for c in "FCA"}
     assert counts == {"F": 20, "C": 22, "A": 8}        # the official per-layer quirk gives 18/23/9
+
+
+@pytest.mark.parametrize("method", ["duca", "toca"])
+def test_dit_presets_force_interval_two_on_the_same_fraction_of_any_request(method):
+    """Official DiT: I = 2 for int(0.2·T) <= x < int(0.4·T), whatever T (was a fixed 10 <= x < 20)."""
+    config = duca_compile.presets("dit-xl-2", method)
+    assert config.forced_interval == ((0.2, 0.4, 2),)
+    at_50 = dataclasses.replace(config, forced_interval=((10, 20, 2),))
+    assert _letters(config, 50) == _letters(at_50, 50)                 # T = 50: the steps of the paper
+    at_20 = dataclasses.replace(config, forced_interval=((4, 8, 2),))
+    assert _letters(config, 20) == _letters(at_20, 20)
+    assert _letters(config, 20) != _letters(at_50, 20)                 # x in [10, 20) would be wrong at T = 20
+    assert _letters(config, 20)[13:16] == "FCF"                      # x = 6, 5, 4 (counting down): I = 2
 
 
 def test_opensora_cycles_compute_cross_attention_only_every_sixth_step():
@@ -157,6 +173,9 @@ def test_presets_list_and_reject_unknown_names():
     (lambda: ToCaConfig(spatial_grid=-1), "spatial_grid"),
     (lambda: ToCaConfig(soft_fresh_weight=-1.0), "soft_fresh_weight"),
     (lambda: ToCaConfig(forced_interval=((10, 20),)), "forced_interval"),
+    (lambda: ToCaConfig(forced_interval=((0.2, 20, 2),)), "forced_interval"),      # a fraction and a step
+    (lambda: ToCaConfig(forced_interval=((0.2, 1.5, 2),)), "forced_interval"),     # a fraction above 1
+    (lambda: ToCaConfig(forced_interval=((0.2, float("nan"), 2),)), "forced_interval"),
     (lambda: DuCaConfig(cycles=(("self_attn", "FXA"),)), "cycles"),
     (lambda: DuCaConfig(warmup=-1), "warmup"),
     (lambda: RatioSchedule(module_tau=2.0), "module_tau"),

@@ -27,8 +27,9 @@ MODELS = {
     "opensora": "OpenSora v1.2 480p, rectified flow 30 steps, cfg 7.0",
 }
 
-# DiT's DDIM loop counts steps down; its interval follows N / (1.4 − 0.8·x/T), forced to 2 for x in [10, 20).
-_DIT_STEPS = dict(count_down=True, interval_weight=0.4, forced_interval=((10, 20, 2),))
+# DiT's DDIM loop counts steps down; its interval follows N / (1.4 − 0.8·x/T), forced to 2 for
+# int(0.2·T) <= x < int(0.4·T) (x in [10, 20) at T = 50).
+_DIT_STEPS = dict(count_down=True, interval_weight=0.4, forced_interval=((0.2, 0.4, 2),))
 _DIT_RATIO = RatioSchedule(step_weight=2.0, layer_weight=-0.2, module_weight=2.5, module_tau=0.6, count_down=True)
 _PIXART_RATIO = RatioSchedule(step_weight=0.9, layer_weight=0.6, module_weight=1.0, module_tau=0.6)
 _OPENSORA_CYCLES = (("self_attn", "FCA"), ("ff", "FCA"), ("cross_attn", "FCACCA"))

@@ -7,6 +7,7 @@ their published form.
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 
 from .base import CacheConfig, StepPlan, check_bool, check_int, check_number, check_unit
@@ -74,13 +75,34 @@ def _residues(num_steps: int, interval: int, weight: float, count_down: bool, fo
     return tuple(out)
 
 
+def forced_bounds(lo, hi, num_steps: int) -> tuple[int, int]:
+    """A forced range's official steps: ints as written, fractions of T as ``int(f·T)`` (the official rule)."""
+    if isinstance(lo, float):
+        return int(lo * num_steps), int(hi * num_steps)
+    return lo, hi
+
+
 def _interval_at(x: int, num_steps: int, interval: int, weight: float, forced: tuple) -> int:
     for lo, hi, value in forced:
+        lo, hi = forced_bounds(lo, hi, num_steps)
         if lo <= x < hi:
             return value
     if not weight:
         return interval
     return max(1, round(interval / (1 + weight - 2 * weight * x / num_steps)))
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _forced_entry(f) -> bool:
+    if not isinstance(f, (tuple, list)) or len(f) != 3 or not _is_int(f[2]) or f[2] < 1:
+        return False
+    lo, hi = f[0], f[1]
+    if _is_int(lo) and _is_int(hi):
+        return True
+    return all(isinstance(v, float) and math.isfinite(v) and 0.0 <= v <= 1.0 for v in (lo, hi))
 
 
 @dataclass(frozen=True)
@@ -101,7 +123,8 @@ class TokenConfig(CacheConfig):
         ``I = round(N / (1 + w − 2w·x/T))`` (DiT: 0.4, i.e. ``N / (1.4 − 0.8·x/T)``).
     count_down (`bool`, defaults to `False`): official step index counts down (DiT's DDIM loop).
     forced_interval (`tuple`, defaults to `()`): ``((lo, hi, I), ...)``: interval forced to I for
-        official steps lo <= x < hi (DiT: ``((10, 20, 2),)``).
+        official steps lo <= x < hi; lo and hi are step indices (ints) or fractions of the request's
+        T (floats in [0, 1], bound ``int(f·T)``). DiT: ``((0.2, 0.4, 2),)``, i.e. 10 <= x < 20 at T=50.
     k_multiple (`int`, defaults to `1`): round each site's k down to a multiple of this (at least
         2 tokens still run). Compile count does not depend on it: one SUBSET compile serves every k.
     warmup (`int`, defaults to `0`): the first ``warmup`` steps are FULL (ToCa-FLUX, OpenSora: 3).
@@ -139,11 +162,9 @@ class TokenConfig(CacheConfig):
         if self.ratio_schedule is not None and not isinstance(self.ratio_schedule, RatioSchedule):
             raise ValueError(f"{owner}.ratio_schedule must be a RatioSchedule, got {self.ratio_schedule!r}")
         forced = self.forced_interval
-        if not isinstance(forced, (tuple, list)) or any(
-                not isinstance(f, (tuple, list)) or len(f) != 3 or
-                not all(isinstance(v, int) and not isinstance(v, bool) for v in f) or f[2] < 1 for f in forced):
-            raise ValueError(f"{owner}.forced_interval must be ((lo, hi, interval>=1), ...) of ints, "
-                             f"got {self.forced_interval!r}")
+        if not isinstance(forced, (tuple, list)) or not all(_forced_entry(f) for f in forced):
+            raise ValueError(f"{owner}.forced_interval must be ((lo, hi, interval>=1), ...) with lo, hi both "
+                             f"step indices (ints) or both fractions of T (floats in [0, 1]), got {self.forced_interval!r}")
         object.__setattr__(self, "forced_interval", tuple(tuple(f) for f in forced))
 
     @property
