@@ -75,7 +75,7 @@ class ReferenceCache:
 
         st = state_of(compiled)
         kw.setdefault("orders", st.policy.taylor_orders)
-        kw.setdefault("first_enhance", getattr(st.config, "first_enhance", 1))
+        kw.setdefault("first_enhance", st.policy.taylor_warmup)
         kw.setdefault("propagation", st.policy.propagation)
         graph = next(g for g in explain(compiled, as_text=False) if g["sites"])
         return cls(model, {s["name"]: s["kind"] for s in graph["sites"]}, graph["blocks"][-1], **kw)

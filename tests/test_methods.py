@@ -1,4 +1,6 @@
 """Every method, compiled, equals the eager oracle step by step; method-specific machinery engages."""
+import dataclasses
+
 import pytest
 import torch
 from hypothesis import given
@@ -250,3 +252,26 @@ def test_subset_of_every_token_when_tokens_equal_head_dim():
     tokens = duca_compile.stats(fast)["tokens_per_site"]
     assert {n: t for n, t in tokens.items() if not n.endswith("attn1")} == {
         n: 4 * 16 for n in tokens if not n.endswith("attn1")}              # every token, every step
+
+
+@pytest.mark.parametrize("order", [2])
+def test_taylorseer_in_diffusers_phase_equals_diffusers_taylorseer_cache(order):
+    """Users switching from diffusers' TaylorSeerCache get its outputs: the trained digits DiT, DDIM
+    12 steps with guidance, cache_interval 4, 3 warm-up steps, the same attention and MLP outputs
+    forecast (float32 factors), against duca's TaylorSeer with ``phase="diffusers"``."""
+    from benchmarks.fidelity import Setup, _duca, _peer
+    from benchmarks.models import load_dit
+    from benchmarks.peers import TaylorSeerCache
+    from benchmarks.sampling import starts
+
+    setup = Setup(samples=4, batch=4, steps=12, guidance=1.5, inner="eager", sweep=())
+    model = load_dit()
+    noise, labels = starts(4, seed=5)
+    with torch.no_grad():
+        peer = TaylorSeerCache("diffusers", "diffusers", {}, interval=4, warmup=3, order=order)
+        want, *_ = _peer(model, peer, setup, noise, labels)
+        config = TaylorSeerConfig(interval=4, max_order=order, first_enhance=3, phase="diffusers")
+        got, flop_ratio, *_ = _duca(model, config, setup, noise, labels)
+        official, *_ = _duca(model, dataclasses.replace(config, phase="official"), setup, noise, labels)
+    assert (got - want).abs().max().item() < 1e-4 and flop_ratio < 0.75       # the same, and cached
+    assert (official - want).abs().max().item() > 1e-3                       # the phase is what differs

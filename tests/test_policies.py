@@ -173,6 +173,7 @@ def test_presets_list_and_reject_unknown_names():
     (lambda: ToCaConfig(spatial_grid=-1), "spatial_grid"),
     (lambda: ToCaConfig(soft_fresh_weight=-1.0), "soft_fresh_weight"),
     (lambda: ToCaConfig(forced_interval=((10, 20),)), "forced_interval"),
+    (lambda: TaylorSeerConfig(phase="diffuser"), "phase"),
     (lambda: ToCaConfig(forced_interval=((0.2, 20, 2),)), "forced_interval"),      # a fraction and a step
     (lambda: ToCaConfig(forced_interval=((0.2, 1.5, 2),)), "forced_interval"),     # a fraction above 1
     (lambda: ToCaConfig(forced_interval=((0.2, float("nan"), 2),)), "forced_interval"),

@@ -106,10 +106,12 @@ class CachePolicy:
 
     Policies that also need run-time state say so through these class attributes, read by the
     runner: ``taylor_orders`` (finite differences kept per branch, 0 = plain reuse),
+    ``taylor_warmup`` (no differences are taken at steps ``<= taylor_warmup − 2``: each starts afresh),
     ``propagation`` (ClusCa's gamma, None = no cluster propagation).
     """
 
     taylor_orders: int = 0
+    taylor_warmup: int = 1
     propagation: float | None = None
     needs_num_steps: bool = False
 

@@ -47,7 +47,7 @@ class ClusCaConfig(CacheConfig):
 class ClusCaPolicy(CachePolicy):
     def __init__(self, config):
         super().__init__(config)
-        self.taylor_orders = config.max_order
+        self.taylor_orders, self.taylor_warmup = config.max_order, config.first_enhance
         self.propagation = float(config.propagation)
 
     def plan(self, step, num_steps=None):
