@@ -3,6 +3,7 @@
 Per family: a tiny model in one process and its seeded twin split over the ranks with diffusers'
 context parallelism (``enable_parallelism``), both compiled with the same duca backend (eager
 inner); per step both outputs, and per variant of the CP graph its collectives and attentions.
+Then DuCa with SUBSET steps under CP, per step against the eager oracle (``subset_vs_oracle``).
 Rank 0 writes the findings as JSON to argv[1].
 
 Test-only shims, not the product: a CPU-only torch reports ``torch.accelerator.device_count() == 0``
@@ -123,8 +124,10 @@ def subset_vs_oracle(name: str) -> dict:
     family, ring = name.removesuffix("-ring"), name.endswith("-ring")
     world = dist.get_world_size()
     # ring attention runs through the test's LSE kernel, which kv-norm cannot read a value from
+    # the step weight gives the two SUBSET steps other k's: one variant serves both
     config = duca_compile.DuCaConfig(interval=3, ratio=0.5, selection="random" if ring else "kv-norm",
-                                     soft_fresh_weight=0.25, spatial_grid=2, spatial_bonus=0.4)
+                                     soft_fresh_weight=0.25, spatial_grid=2, spatial_bonus=0.4,
+                                     ratio_schedule=duca_compile.RatioSchedule(step_weight=0.5))
     single_model, cp_model, oracle_model = make_model(family), make_model(family), make_model(family)
     cp_model.enable_parallelism(config=ContextParallelConfig(ring_degree=world) if ring else
                                 ContextParallelConfig(ulysses_degree=world))
@@ -136,13 +139,15 @@ def subset_vs_oracle(name: str) -> dict:
     refused = None
     if ring:                    # kv-norm has no value to read there: refused when the graph compiles
         kv = torch.compile(cp_model, backend=duca_compile.duca_backend(
-            dataclasses.replace(config, selection="kv-norm"), inner="eager"), dynamic=False)
+            dataclasses.replace(config, selection="kv-norm", ratio_schedule=None), inner="eager"), dynamic=False)
         try:
             kv(**_inputs(family, cp_model, 900.0, 0))
         except Exception as e:  # noqa: BLE001 - Dynamo wraps the backend's error
             refused = f"{type(e).__name__}: {e}"[:500]
         torch._dynamo.reset()
     steps, score_diff, scored = [], 0.0, 0
+    driver = duca_compile.sampling(cp, num_steps=6)
+    driver.__enter__()
     for i, t in enumerate(900.0 - j * 160.0 for j in range(6)):
         kw = _inputs(family, single_model, t, i)
         got = cp(**kw)[0]
@@ -180,6 +185,7 @@ def subset_vs_oracle(name: str) -> dict:
                     want = torch.nn.functional.normalize(one[:, pos], dim=-1)
                     score_diff = max(score_diff, (torch.cat(unit, 1) - want).abs().max().item())
                     scored += 1
+    driver.__exit__(None, None, None)
     s = duca_compile.stats(cp)
     stats, offsets = [None] * world, [None] * world
     dist.all_gather_object(offsets, st.seed_offset)

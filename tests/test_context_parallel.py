@@ -2,8 +2,9 @@
 torchrun (gloo).
 
 ``context_parallel_worker.py`` runs each family in one process and split over the ranks, both
-with the same scripted F R A plan over 2 requests, and DuCa's SUBSET step under CP; this checks
-what it found. One torchrun for the module (~45 s on 2 cores).
+with the same scripted FULL / REUSE / SKIP plan over 2 requests; then DuCa (kv-norm, staleness,
+spatial bonus; SUBSET steps) under CP against the eager oracle given the ranks' gathered tokens.
+This checks what it found. One torchrun for the module (~90 s on 2 cores).
 """
 import json
 import os
@@ -60,7 +61,8 @@ def test_subset_tokens_are_a_stratified_share_per_rank(found):
     assert len(shares) == 2 and r["seed_offsets"] == [0, 1]            # rank 1 draws from seed + 1
     everything = [t for share in shares for t in share]
     assert len(everything) == len(set(everything)) == 2 * len(shares[0])   # never a token twice
-    assert len(everything) == 0.5 * 2 * shard                              # ratio 0.5 of the global tokens
+    # R_eff = 0.5 x f_step (1 + w - 2w·x/T at step 1 of 6, w = 0.5) of each rank's tokens, on both ranks
+    assert len(everything) == 2 * int(0.5 * (1 + 0.5 - 2 * 0.5 * 1 / 6) * shard)
     assert all(r * shard <= t < (r + 1) * shard for r, share in enumerate(shares) for t in share)
     assert {t % shard for t in shares[0]} != {t % shard for t in shares[1]}   # each rank its own stream
 
@@ -78,6 +80,8 @@ def test_subset_under_context_parallelism_equals_the_oracle_on_the_same_global_t
     assert "error" not in r, r.get("error")
     assert [s["mode"] for s in r["steps"]] == ["full", "subset", "skip"] * 2
     assert max(s["diff"] for s in r["steps"]) < 1e-5
+    first, second = (s["tokens"] for s in r["steps"] if s["mode"] == "subset")
+    assert any(len(first[site][0]) != len(second[site][0]) for site in first)   # other k, the same variant
     for step in r["steps"]:
         if step["mode"] != "subset":
             continue

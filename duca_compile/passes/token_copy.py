@@ -233,20 +233,27 @@ class _TokenCopy:
     def retarget_exchange(self, orig: fx.Node, copy: fx.Node) -> bool:
         """diffusers' exchange is ``flatten() -> all_to_all_single (equal splits) -> wait -> reshape
         to the flattened shape``. On k tokens the splits are the copy's numel / world and the
-        reshape takes the copied shape back (the token axis is where it was)."""
+        reshape takes the copied shape back (the token axis is where it was). The splits are read
+        off the tensor at run time: the graph names no literal k, so one variant serves every k."""
         if _is_collective(orig, "all_to_all_single"):
             outs, ins = orig.args[1], orig.args[2]
-            numel = example_value(copy.args[0]).numel()
-            if len(set(outs)) != 1 or list(outs) != list(ins):
+            if not isinstance(outs, (list, tuple)) or len(set(outs)) != 1 or list(outs) != list(ins):
                 raise ValueError(f"{orig.name}: an all-to-all with unequal splits {outs} cannot run on k tokens")
-            copy.args = (copy.args[0], [numel // len(outs)] * len(outs), [numel // len(ins)] * len(ins), *orig.args[3:])
+            with self.graph.inserting_before(copy):
+                numel = self.graph.call_method("numel", (copy.args[0],))
+                _evaluate(numel)
+                part = self.graph.call_function(operator.floordiv, (numel, len(outs)))
+                _evaluate(part)
+            copy.args = (copy.args[0], [part] * len(outs), [part] * len(ins), *orig.args[3:])
             return True
         flat = _exchanged(orig)
         if flat is None or flat.args[0] not in self.env:
             return False
         shape = list(example_value(self.env[flat.args[0]]).shape)
-        for d in self.token_axes(flat.args[0]):
-            shape[d] = -1
+        axes = self.token_axes(flat.args[0])
+        if len(axes) != 1:
+            raise ValueError(f"{orig.name}: the token axis of an exchanged tensor is not known ({tuple(shape)})")
+        shape[axes[0]] = -1
         copy.args = (copy.args[0], tuple(shape))
         return True
 
@@ -255,7 +262,8 @@ class _TokenCopy:
         through permutes and attention, to the reshape that splits it again."""
         src = orig.args[0] if orig.args and isinstance(orig.args[0], fx.Node) else None
         if orig.op == "call_method" and orig.target == "flatten" and src in self.env and len(orig.args) == 3:
-            start, end = orig.args[1], orig.args[2]
+            ndim = example_value(src).ndim
+            start, end = orig.args[1] % ndim, orig.args[2] % ndim
             axes = self.token_axes(src)
             if len(axes) == 1 and start <= axes[0] <= end and axes[0] == end:
                 outer = 1

@@ -9,8 +9,8 @@ are kernel launches. With an even batch and ``share_cfg_indices``
 the two classifier-free-guidance halves share one selection (their scores averaged), as the
 official code does.
 
-Under context parallelism (``shard``: this rank's index, the world size and the process group)
-each rank holds a contiguous shard of every token stream and selects its own share, k / world,
+Under context parallelism (``world`` and ``group``, set from the model's parallel config) each
+rank holds a contiguous shard of every token stream and selects its own share, k / world,
 from scores that mean what they mean on one GPU: kv-norm scores are normalised over the global
 tokens (one all-reduce of a sum of squares, only where staleness is mixed in and the scale
 matters), and the spatial bonus works on the rank's rows of the global grid.
