@@ -15,8 +15,6 @@ import pytest
 
 FAMILIES = ["flux", "wan", "qwen-image", "ltx-video", "flux2", "flux-ring"]
 pytest.importorskip("transformers")
-# one worker runs every test here, so the torchrun behind the module fixture runs once (--dist loadgroup)
-pytestmark = pytest.mark.xdist_group("context_parallel")
 
 
 @pytest.fixture(scope="module")
