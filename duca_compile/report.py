@@ -5,6 +5,7 @@ from collections import Counter
 
 import torch
 
+from .passes.graph_paths import is_collective
 from .policies import Mode
 from .policies.base import effective_mode
 from .runtime import state_of
@@ -65,7 +66,7 @@ def count_collectives(gm) -> Counter:
     """The collectives a graph issues, by name (``all_to_all_single``, ...; waits not counted): what a
     step of it communicates under context parallelism."""
     return Counter(str(n.target).replace("_c10d_functional.", "").replace(".default", "") for n in gm.graph.nodes
-                   if n.op == "call_function" and "_c10d_functional" in str(n.target) and "wait" not in str(n.target))
+                   if is_collective(n) and not is_collective(n, "wait_tensor"))
 
 
 _LETTERS = {"full": "F", "subset": "C", "skip": "A", "reuse": "R", "partial": "P"}

@@ -7,7 +7,7 @@ import re
 import torch
 import torch.fx as fx
 
-__all__ = ["module_path", "block_path", "source_name", "is_sdpa", "reaches", "branch_region",
+__all__ = ["module_path", "block_path", "source_name", "is_sdpa", "is_collective", "reaches", "branch_region",
            "ancestors_in_block", "token_count", "child_class", "graph_fake_mode", "timestep_input", "SDPA_TARGETS",
            "TIMESTEP_NAMES", "ONE_BLOCK", "as_one_block"]
 
@@ -100,6 +100,11 @@ def source_name(node: fx.Node) -> str:
         return src.name() if callable(getattr(src, "name", None)) else str(src.name if src else node.name)
     except Exception:  # noqa: BLE001 - a source without a name is just not a match
         return node.name
+
+
+def is_collective(node: fx.Node, name: str = "") -> bool:
+    """A functional collective (``_c10d_functional.<name>...``: all-to-all, all-gather, wait_tensor, ...)."""
+    return node.op == "call_function" and str(node.target).startswith(f"_c10d_functional.{name}")
 
 
 def is_sdpa(node: fx.Node) -> bool:

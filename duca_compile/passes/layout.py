@@ -8,7 +8,7 @@ import torch
 import torch.fx as fx
 
 from .find_sites import SiteMap
-from .graph_paths import ancestors_in_block, is_sdpa
+from .graph_paths import ancestors_in_block, is_collective, is_sdpa
 
 __all__ = ["ValueNorm", "vnorm_key", "Action", "CacheSpec", "InputSpec", "CacheLayout", "VariantContext", "order_key"]
 
@@ -172,12 +172,17 @@ def _before_exchange(value: fx.Node) -> fx.Node | None:
         if crossed and isinstance(val, torch.Tensor) and val.ndim == 4 and val.shape[0] == b \
                 and val.shape[3] == d and val.shape[1] * val.shape[2] == s * h:
             return node
-        crossed = crossed or "_c10d_functional" in str(node.target)
-        inputs = [i for i in node.all_input_nodes if isinstance(i.meta.get("example_value"), torch.Tensor)]
-        if len(inputs) != 1:
+        crossed = crossed or is_collective(node)
+        node = _only_tensor_input(node)
+        if node is None:
             return None
-        node = inputs[0]
     return None
+
+
+def _only_tensor_input(node: fx.Node) -> fx.Node | None:
+    """The one tensor ``node`` reads (a view, transpose, exchange, ... hop), else None."""
+    inputs = [i for i in node.all_input_nodes if isinstance(i.meta.get("example_value"), torch.Tensor)]
+    return inputs[0] if len(inputs) == 1 else None
 
 
 def _token_slices(value: fx.Node, total: int, wanted: set, token_axis: int = 2) -> list[ValueNorm]:
@@ -201,10 +206,9 @@ def _token_slices(value: fx.Node, total: int, wanted: set, token_axis: int = 2) 
                 return []
             starts = [sum(lengths[:i]) for i in range(len(lengths))]
             return [ValueNorm(value.name, a, n, **axes) for a, n in zip(starts, lengths) if n in wanted]
-        inputs = [i for i in node.all_input_nodes if isinstance(i.meta.get("example_value"), torch.Tensor)]
-        if len(inputs) != 1:
+        node = _only_tensor_input(node)
+        if node is None:
             return []
-        node = inputs[0]
     return []
 
 

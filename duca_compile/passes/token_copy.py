@@ -15,7 +15,7 @@ import operator
 import torch
 import torch.fx as fx
 
-from .graph_paths import branch_region, graph_fake_mode, is_sdpa
+from .graph_paths import branch_region, graph_fake_mode, is_collective, is_sdpa
 
 __all__ = ["copy_on_tokens", "emit", "example_value"]
 
@@ -76,10 +76,6 @@ def _evaluate(node: fx.Node) -> None:
     node.meta["example_value"] = value
 
 
-def _is_collective(node: fx.Node, name: str) -> bool:
-    return node.op == "call_function" and str(node.target).startswith(f"_c10d_functional.{name}")
-
-
 def _exchanged(node: fx.Node) -> fx.Node | None:
     """The ``flatten()`` whose all-to-all ``node`` reshapes back: reshape(wait(all_to_all(flatten(x))),
     x's shape); None for any other node."""
@@ -87,10 +83,10 @@ def _exchanged(node: fx.Node) -> fx.Node | None:
     if found is None or node.target != "reshape":
         return None
     wait = node.args[0]
-    if not (isinstance(wait, fx.Node) and _is_collective(wait, "wait_tensor")):
+    if not (isinstance(wait, fx.Node) and is_collective(wait, "wait_tensor")):
         return None
     a2a = wait.args[0]
-    if not (isinstance(a2a, fx.Node) and _is_collective(a2a, "all_to_all_single")):
+    if not (isinstance(a2a, fx.Node) and is_collective(a2a, "all_to_all_single")):
         return None
     flat = a2a.args[0]
     if not (isinstance(flat, fx.Node) and flat.op == "call_method" and flat.target == "flatten" and len(flat.args) == 1):
@@ -235,7 +231,7 @@ class _TokenCopy:
         to the flattened shape``. On k tokens the splits are the copy's numel / world and the
         reshape takes the copied shape back (the token axis is where it was). The splits are read
         off the tensor at run time: the graph names no literal k, so one variant serves every k."""
-        if _is_collective(orig, "all_to_all_single"):
+        if is_collective(orig, "all_to_all_single"):
             outs, ins = orig.args[1], orig.args[2]
             if not isinstance(outs, (list, tuple)) or len(set(outs)) != 1 or list(outs) != list(ins):
                 raise ValueError(f"{orig.name}: an all-to-all with unequal splits {outs} cannot run on k tokens")
