@@ -51,7 +51,7 @@ def count_flops(fn, *args, **kwargs) -> int:
 
 # -- one variant --------------------------------------------------------------------------------
 
-_MEMO: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()   # runner -> {variant key: FLOPs}
+_MEMO: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()   # graph -> {layout terms: {key: FLOPs}}
 
 
 def full_key(runner) -> tuple:
@@ -61,8 +61,8 @@ def full_key(runner) -> tuple:
 
 def _actions_of(runner, key) -> tuple[dict, bool]:
     skip, items = key
-    if skip:
-        return {s.name: "reuse" for s in runner.sitemap.sites}, True
+    if skip:                    # a SKIP key names only the sites it still computes
+        return {s.name: dict(items).get(s.name, "reuse") for s in runner.sitemap.sites}, True
     return dict(items), False
 
 
@@ -98,28 +98,93 @@ def _fake_inputs(runner, gm: fx.GraphModule, key, fake_mode) -> list:
 def variant_flops(runner, key) -> int:
     """FLOPs of one call of the variant ``key`` of ``runner``'s graph (memoized). Counted on
     fake tensors in a fresh ``FakeTensorMode``: nothing real runs, any model size works. A
-    variant not built yet is built first, with the runner's inner compiler."""
-    memo = _MEMO.setdefault(runner, {})
+    variant not built yet is built first, with the runner's inner compiler. Plans sharing one
+    compiled SUBSET graph are counted once, with each site's k symbolic."""
+    memo, patterns = _memo(runner)
     if key not in memo:
-        gm = _variant_graph(runner, key)
-        fake_mode = torch._subclasses.FakeTensorMode(allow_non_fake_inputs=True)
-        inputs = _fake_inputs(runner, gm, key, fake_mode)
-        with fake_mode:
-            memo[key] = count_flops(gm, *inputs)
+        gm = _variant_graph(runner, key) if runner.pattern(key) not in patterns else None
+        per_k = _symbolic_flops(runner, key, gm) if key not in runner.variant_graphs else None
+        if per_k is not None:
+            memo[key] = per_k(key)
+        else:
+            gm = gm or _variant_graph(runner, key)
+            fake_mode = torch._subclasses.FakeTensorMode(allow_non_fake_inputs=True)
+            inputs = _fake_inputs(runner, gm, key, fake_mode)
+            with fake_mode:
+                memo[key] = count_flops(gm, *inputs)
     return memo[key]
 
 
+def _memo(runner) -> tuple[dict, dict]:
+    """(variant key -> FLOPs, SUBSET pattern -> per-k FLOPs or None), shared by the runners of one
+    Dynamo graph whose caches hold the same terms: a variant's FLOPs depend on its graph and
+    actions alone, so ``flops_report`` counts each pattern once for every config of a model."""
+    layout = runner.layout
+    graph = getattr(getattr(runner, "build", None), "gm", runner)
+    per_graph = _MEMO.setdefault(graph, {})
+    return per_graph.setdefault((layout.orders, layout.propagation, bool(layout.value_norms)), ({}, {}))
+
+
+def _symbolic_flops(runner, key, gm):
+    """FLOPs of ``key``'s pattern graph as a function of a plan's SUBSET sizes, counted once with
+    one symbol per index input's k (``FlopCounterMode`` then sums symbolic FLOPs); None when the
+    pattern has no SUBSET site, or when counting fixed a k (the expression would not hold)."""
+    pattern = runner.pattern(key)
+    known = _memo(runner)[1]
+    if pattern in known:
+        return known[pattern]
+    known[pattern] = None
+    gm = gm or _variant_graph(runner, key)
+    actions = _actions_of(runner, key)[0]
+    specs = [s for s in runner.layout.inputs(actions) if s.kind == "index"]
+    if not specs:
+        return None
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+    from torch._dynamo.source import ConstantSource
+
+    shape_env = ShapeEnv(duck_shape=False)
+    fake_mode = torch._subclasses.FakeTensorMode(allow_non_fake_inputs=True, shape_env=shape_env)
+    inputs = _fake_inputs(runner, gm, key, fake_mode)
+    placeholders = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
+    symbols = {}
+    with fake_mode:
+        for spec in specs:
+            sym = shape_env.create_symbol(spec.shape[1], ConstantSource(f"duca_k_{spec.placeholder}"))
+            k = shape_env.create_symintnode(sym, hint=spec.shape[1])
+            inputs[placeholders.index(spec.placeholder)] = torch.empty((spec.shape[0], k), dtype=spec.dtype,
+                                                                       device=spec.device)
+            symbols[spec.site] = sym
+        try:
+            total = count_flops(gm, *inputs)
+        except Exception:  # noqa: BLE001 - a graph symbolic k cannot run: count each plan concretely
+            return None
+    expr = total.node.expr if isinstance(total, torch.SymInt) else None
+    if any(sym in shape_env.replacements for sym in symbols.values()) or \
+            (expr is not None and not expr.free_symbols <= set(symbols.values())):
+        return None
+
+    def per_k(plan_key) -> int:
+        if expr is None:
+            return int(total)
+        sizes = {sym: dict(plan_key[1])[site] for site, sym in symbols.items()}
+        return int(expr.xreplace(sizes))
+
+    known[pattern] = per_k
+    return per_k
+
+
 def _site_tokens(site, action, skip) -> int:
-    if skip or action == "reuse":
+    if action == "reuse" or (skip and action != "compute"):
         return 0
     return sum(site.tokens) if action == "compute" else int(action)
 
 
-def clustering_flops(runner) -> int:
+def clustering_flops(runner, cold: bool = False) -> int:
     """Analytic FLOPs of ClusCa's k-means after one FULL call of ``runner``'s graph (0 for other
     methods): per token count N, ``(5·iters + 3)·B·N·K·C`` — each Lloyd step is an L1 ``cdist``
     (subtract, abs, add: 3 per element pair and channel) plus the one-hot centroid matmul (2),
-    and a last ``cdist`` assigns the tokens. Representative picking is O(B·N·K), ignored."""
+    and a last ``cdist`` assigns the tokens. Representative picking is O(B·N·K), ignored.
+    ``cold``: a request's first clustering (``kmeans_cold_iters``)."""
     config = runner.config
     if runner.layout.propagation is None or not isinstance(config, ClusCaConfig):
         return 0
@@ -134,12 +199,14 @@ def clustering_flops(runner) -> int:
             last = [s for s in runner.sitemap.sites if s.subsettable and s.tokens[0] == tokens][-1]
             shape = shapes[order_key(last.name, 0)]
         b, n, c = shape[0], shape[1], shape[-1]
-        total += (5 * config.kmeans_iters + 3) * b * n * min(config.clusters, n) * c
+        iters = config.kmeans_cold_iters if cold else config.kmeans_iters
+        total += (5 * iters + 3) * b * n * min(config.clusters, n) * c
     return total
 
 
-def runner_flops(runner, calls: Counter | dict) -> dict:
-    """FLOP accounting of ``calls`` (variant key -> calls) of ``runner``'s graph."""
+def runner_flops(runner, calls: Counter | dict, cold_clusterings: int = 0) -> dict:
+    """FLOP accounting of ``calls`` (variant key -> calls) of ``runner``'s graph; ClusCa clustered
+    after every FULL call, ``cold_clusterings`` of them from random tokens."""
     calls = {k: n for k, n in calls.items() if n}
     full = variant_flops(runner, full_key(runner)) if calls else 0
     run = sum(n * variant_flops(runner, k) for k, n in calls.items())
@@ -150,7 +217,8 @@ def runner_flops(runner, calls: Counter | dict) -> dict:
             tokens[site.name] += n * _site_tokens(site, actions.get(site.name, "reuse"), skip)
     full_calls = calls.get(full_key(runner), 0)
     return {"flops_run": run, "flops_full": full * sum(calls.values()),
-            "flops_clustering": full_calls * clustering_flops(runner),
+            "flops_clustering": (full_calls - cold_clusterings) * clustering_flops(runner)
+                                + cold_clusterings * clustering_flops(runner, cold=True),
             "tokens_per_site": {s.name: tokens[s.name] for s in runner.sitemap.sites}}
 
 
@@ -160,7 +228,7 @@ def model_flops(state) -> dict:
     (summed over calls and, for a model split into several graphs, over graphs)."""
     out = {"flops_run": 0, "flops_full": 0, "flops_clustering": 0, "tokens_per_site": Counter()}
     for runner, piece in state.graphs():
-        r = runner_flops(runner, piece.variant_calls)
+        r = runner_flops(runner, piece.variant_calls, piece.cold_clusterings)
         if piece.names is not None and state.regional is not None:      # a block of a regional model
             r["tokens_per_site"] = {piece.names[k]: v for k, v in r["tokens_per_site"].items()}
             if not any(b.piece is piece and state.regional.is_last(b) for b in state.regional.views):

@@ -91,7 +91,7 @@ class ReferenceCache:
     def _site_hook(self, name):
         def hook(module, args, out):
             c = self._call
-            if c["skip"]:
+            if c["skip"] and c["actions"][name] != "compute":
                 return out                      # the stack output is replaced; caches stay as they are
             # a module run twice per forward (CogView4's shared ``ff``: image, then text) caches each call
             call = c["calls"][name] = c["calls"].get(name, -1) + 1

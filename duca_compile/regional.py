@@ -109,8 +109,12 @@ class BlockStack:
                 plan, actions, skip = self.plan_step(step, num_steps)
             runner = block.runner()
             local = {s.name: actions[block.names[s.name]] for s in runner.sitemap.sites}
-            p = block.planned[(step, num_steps)] = derive(plan, actions, skip, block.sites, runner.key(local, skip),
-                                                          local, stack_hit=block.layer == 0)
+            # A block computing all its sites on a SKIP step (full in block 0 only) runs its FULL
+            # variant: the fresh output it returns is dropped, as the next block returns its cache
+            runs_skip = skip and any(a != "compute" for a in local.values())
+            p = block.planned[(step, num_steps)] = derive(plan, actions, skip, block.sites,
+                                                          runner.key(local, runs_skip), local,
+                                                          stack_hit=block.layer == 0)
         return p
 
     def graphs(self) -> list:
@@ -272,8 +276,9 @@ class BlockRunner(GraphRunner):
         p = stack.planned(block, st.step if tracked and slot.epoch == st.epoch else None, st.num_steps)
         if slot.epoch != st.epoch:
             slot.taylor.reset()
+            slot.clusters.clear()          # shared by the blocks: the request's first clustering is cold
         extra = self._inputs(st, slot, p.actions, p.key, block.names)
-        out = self.variant(p.actions, p.skip, p.key, st)(*args, *slot.caches, *extra)
+        out = self.variant(p.actions, p.key[0], p.key, st)(*args, *slot.caches, *extra)
         piece.variant_calls[p.key] += 1
         global_plan = stack.plan_step(st.step, st.num_steps) if p.plan.mode is not Mode.FULL else None
         st.last_plan, st.last_skip = p.plan, p.skip
@@ -283,11 +288,11 @@ class BlockRunner(GraphRunner):
         if p.plan.mode is Mode.FULL:
             slot.epoch = st.epoch
             if self.layout.propagation is not None and stack.is_last(block):
-                self._cluster_stack(st, stack, slot)
+                piece.cold_clusterings += self._cluster_stack(st, stack, slot)
         self._count(st, p, model_call=first)
         return out
 
-    def _cluster_stack(self, st, stack: BlockStack, slot) -> None:
+    def _cluster_stack(self, st, stack: BlockStack, slot) -> bool:
         """ClusCa's clusters, once per FULL model call, from the last block's output (or the last
         block's feed-forward with that token count), shared by every block."""
         outputs = [slot.by_key[f"stack:{i}"] for i in range(len(self.sitemap.stack_outputs))]
@@ -295,4 +300,4 @@ class BlockRunner(GraphRunner):
             b = stack.current[site.layer]
             local = next(k for k, v in b.names.items() if v == site.name)
             return b.piece.slots[st.slot].by_key[order_key(local, 0)]
-        self.cluster_into(st, slot.clusters, outputs, stack.sites, cache_of)
+        return self.cluster_into(st, slot.clusters, outputs, stack.sites, cache_of)

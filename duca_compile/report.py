@@ -81,7 +81,7 @@ def _plan(runner, num_steps: int | None) -> list[dict]:
         plan, actions, skip = runner.plan_step(step, num_steps)
         mode = "full" if step == 0 else plan.mode.value          # a request's first step is always FULL
         steps.append({"step": step, "mode": mode,
-                      "computed": {} if skip or mode == "full" else
+                      "computed": {} if mode == "full" else
                       {k: a for k, a in actions.items() if a != "reuse"}})
     return steps
 
@@ -164,6 +164,8 @@ def _variant_name(key) -> str:
     computed = sum(a == "compute" for _, a in actions)
     if mode is Mode.PARTIAL:
         return f"PARTIAL({computed} computed)"
+    if mode is Mode.SKIP and computed:
+        return f"SKIP({computed} computed)"     # full blocks refreshing their caches
     if mode is not Mode.SUBSET:
         return mode.name
     ks = sorted({a for _, a in actions if isinstance(a, int)})

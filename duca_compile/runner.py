@@ -55,7 +55,7 @@ def derive(plan, actions: dict, skip: bool, sites, key: tuple, local: dict | Non
     for site in sites:
         n, a = sum(site.tokens), actions[site.name]
         total += n
-        if a == "compute" and not skip:
+        if a == "compute":         # also on a SKIP step whose first blocks refresh their caches
             computed += n
             continue
         hits += 1                  # reused, or the rows a SUBSET step did not recompute
@@ -63,7 +63,7 @@ def derive(plan, actions: dict, skip: bool, sites, key: tuple, local: dict | Non
         if isinstance(a, int) and not skip:
             computed += a
     hits += skip and stack_hit     # the stack output itself
-    fresh = () if skip else tuple(s.name for s in sites if actions[s.name] == "compute")
+    fresh = tuple(s.name for s in sites if actions[s.name] == "compute")
     return _Planned(plan, MappingProxyType(local if local is not None else actions), skip, key, fresh, total,
                     computed, hits, dict(blocks))
 
@@ -86,6 +86,7 @@ class Piece:
     def __init__(self, names: dict | None = None):
         self.slots: dict[int, _Slot] = {}
         self.variant_calls: Counter = Counter()
+        self.cold_clusterings = 0   # ClusCa k-means runs from random centroids (a slot's first)
         self.names = names          # the graph's site names -> the model's (a block graph), or None
 
     def slot(self, index: int, runner: "GraphRunner") -> _Slot:
@@ -171,8 +172,10 @@ class GraphRunner(CompiledCallable):
 
     @staticmethod
     def key(actions: dict, skip: bool) -> tuple:
-        """What one plan is told apart by: per-site actions with their SUBSET sizes."""
-        return (skip, tuple(sorted(actions.items())) if not skip else ())
+        """What one plan is told apart by: per-site actions with their SUBSET sizes (on a SKIP step,
+        only the sites it still computes to refresh their caches)."""
+        items = sorted(actions.items())
+        return (skip, tuple(items) if not skip else tuple((n, a) for n, a in items if a == "compute"))
 
     @staticmethod
     def pattern(key: tuple) -> tuple:
@@ -223,7 +226,7 @@ class GraphRunner(CompiledCallable):
         if p.plan.mode is Mode.FULL:
             slot.epoch = st.epoch
             if self.layout.propagation is not None:
-                self._cluster(st, slot)
+                self._cluster(st, slot, piece)
         self._count(st, p)
         return out
 
@@ -267,23 +270,29 @@ class GraphRunner(CompiledCallable):
                              score))
         return dict(zip((s.site for s in specs), st.select_tokens(requests, specs[0].device)))
 
-    def _cluster(self, st, slot: _Slot) -> None:
+    def _cluster(self, st, slot: _Slot, piece: Piece) -> None:
         stack = [slot.by_key[f"stack:{i}"] for i in range(len(self.sitemap.stack_outputs))]
-        self.cluster_into(st, slot.clusters, stack, self.sitemap.sites, lambda site: slot.by_key[order_key(site.name, 0)])
+        cache_of = lambda site: slot.by_key[order_key(site.name, 0)]          # noqa: E731
+        piece.cold_clusterings += self.cluster_into(st, slot.clusters, stack, self.sitemap.sites, cache_of)
 
-    def cluster_into(self, st, clusters: dict, stack: list, sites, cache_of) -> None:
+    def cluster_into(self, st, clusters: dict, stack: list, sites, cache_of) -> bool:
         """After a FULL step: k-means per token count, on the hidden state leaving the stack when it
-        has that many tokens, else on the last feed-forward output with that many (Flux's streams)."""
+        has that many tokens, else on the last feed-forward output with that many (Flux's streams).
+        The first clustering of a slot starts from random tokens and runs ``kmeans_cold_iters``
+        (returns True then); later ones start from the last centroids."""
         config = self.config
+        cold = not clusters
         for tokens in sorted({s.tokens[0] for s in sites if s.subsettable}):
             source = next((t for t in stack if t.ndim == 3 and t.shape[1] == tokens), None)
             if source is None:
                 source = cache_of([s for s in sites if s.subsettable and s.tokens[0] == tokens][-1])
             k = min(config.clusters, tokens)
             previous = clusters.get(tokens)
-            clusters[tokens] = kmeans_l1(source, k, config.kmeans_iters,
+            iters = config.kmeans_cold_iters if previous is None else config.kmeans_iters
+            clusters[tokens] = kmeans_l1(source, k, iters,
                                               init=previous[1] if previous is not None else None,
                                               generator=st.generator(source.device))
+        return cold
 
     def _count(self, st, p: _Planned, model_call: bool = True) -> None:
         """Add one call's stats; ``model_call``: it is a model call (a block graph's call is one

@@ -50,6 +50,23 @@ def test_taylor_and_cluster_methods_equal_oracle(family, order, interval, first,
     run_against_oracle(family, model, fast, timesteps(2 * interval + first + 1), input_seed=seed)
 
 
+@pytest.mark.parametrize("family", ["dit", "flux"])
+def test_clusca_runs_the_cold_iterations_once_per_request_then_warm_starts(family, monkeypatch):
+    import duca_compile.runner as runner_module
+
+    runs, kmeans = [], runner_module.kmeans_l1
+    monkeypatch.setattr(runner_module, "kmeans_l1", lambda x, k, iters, init=None, generator=None:
+                        runs.append((iters, init is None)) or kmeans(x, k, iters, init, generator))
+    model, fast = compile_tiny(family, ClusCaConfig(interval=2, clusters=4, first_enhance=1, kmeans_iters=2,
+                                                    kmeans_cold_iters=5))
+    for request in range(2):
+        with duca_compile.sampling(fast, num_steps=3):
+            for t in timesteps(3):                                # F C F: two clusterings
+                fast(**make_inputs(family, model, timestep=t))
+    per = len(runs) // 4                                          # clusterings per full step: one per stream
+    assert runs == ([(5, True)] * per + [(2, False)] * per) * 2
+
+
 def _outputs(family, config, n=8):
     torch._dynamo.reset()
     model, fast = compile_tiny(family, config)
@@ -121,6 +138,22 @@ def test_kv_norm_selects_the_tokens_with_the_smallest_value_norms():
         want = score.topk(4, dim=1).indices.expand(2, -1)
         got = state_of(fast).last_indices[f"{block}.ff"]
         assert torch.equal(got.sort(1).values, want.sort(1).values)
+
+
+@pytest.mark.parametrize("model, per_row", [("dit-xl-2", True), ("pixart-alpha", False)])
+def test_kv_norm_presets_score_cfg_halves_as_the_official_code(model, per_row):
+    """Official DiT scores every batch row by its own value norms (the CFG halves may differ);
+    PixArt averages the halves and both use that selection."""
+    from duca_compile.policies.token_selection import TokenSelector
+
+    config = duca_compile.presets(model, "duca-v1")
+    assert config.share_cfg_indices is not per_row and duca_compile.presets(model, "duca").share_cfg_indices
+    selector = TokenSelector(dataclasses.replace(config, soft_fresh_weight=0.0, spatial_bonus=0.0), print)
+    scores = torch.randn(4, 64, generator=torch.Generator().manual_seed(0))     # cond rows 0-1, uncond 2-3
+    got = selector.select("b.0.ff", 4, 64, 8, "cpu", None, value_score=scores).sort(1).values
+    mean = scores.view(2, 2, 64).mean(0)
+    want = (scores if per_row else torch.cat([mean, mean])).topk(8, dim=1).indices.sort(1).values
+    assert torch.equal(got, want) and torch.equal(got[:2], got[2:]) is not per_row
 
 
 def _joint_value_scores(model, block, kw):
@@ -275,3 +308,39 @@ def test_taylorseer_in_diffusers_phase_equals_diffusers_taylorseer_cache(order):
         official, *_ = _duca(model, dataclasses.replace(config, phase="official"), setup, noise, labels)
     assert (got - want).abs().max().item() < 1e-4 and flop_ratio < 0.75       # the same, and cached
     assert (official - want).abs().max().item() > 1e-3                       # the phase is what differs
+
+
+# x counts down 6..0 with I = round(2 / (1.8 − 1.6·x/7)), forced to 2 for x = 1: the official
+# per-block rule gives F | F+A | C | F+C | F | F+C | F (F+A: block 0 full, the others aggressive)
+PER_LAYER = DuCaConfig(interval=2, ratio=0.5, selection="kv-norm", soft_fresh_weight=0.25, count_down=True,
+                       interval_weight=0.8, forced_interval=((0.2, 0.4, 2),), step_types="per-layer")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_steps_full_in_block_zero_only_refresh_its_caches_and_equal_the_oracle(family):
+    model, fast = compile_tiny(family, PER_LAYER)
+    oracle = stale = None
+    with duca_compile.sampling(fast, num_steps=7):
+        for i, t in enumerate(timesteps(7)):
+            kw = make_inputs(family, model, timestep=t, seed=i)
+            out = fast(**kw)[0]
+            st = state_of(fast)
+            oracle = oracle or oracle_for(model, fast)
+            stale = stale or oracle_for(model, fast)       # the same run, but step 1 a plain SKIP
+            computed = {n for n, a in st.last_actions.items() if a == "compute"}
+            block0 = duca_compile.explain(fast, as_text=False)[0]["blocks"][0]
+            first = {n for n in oracle.sites if n.rsplit(".", 1)[0] == block0}
+            if i in (1, 3, 5):
+                assert computed == first and st.last_skip == (i == 1), (i, computed)
+            torch.testing.assert_close(out, oracle.replay(fast, **kw)[0], atol=1e-5, rtol=1e-4)
+            if i == 1:
+                stale.run({n: "reuse" for n in stale.sites}, True, **kw)
+            else:
+                ref = stale.replay(fast, **kw)[0]
+                if i == 2:      # block 0 of step 2 reads the caches step 1 refreshed: a plain SKIP differs
+                    assert (ref - out).abs().max() > 1e-4
+    graphs = duca_compile.explain(fast, as_text=False)[0]["variants"]
+    head = graphs[f"SKIP({len(first)} computed)"]
+    assert 0 < head["linear"] < graphs["FULL"]["linear"] and head["cache_write"] > 0
+    steps = duca_compile.stats(fast)["steps"]     # tiny Flux: block 0 is its one double block, the
+    assert steps["full"] == 3 and steps["skip"] == 1 and steps["subset"] + steps["partial"] == 3  # rest reused

@@ -6,6 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import pytest
+import torch
 
 import duca_compile
 from duca_compile import ClusCaConfig, DuCaConfig, FORAConfig, Mode, RatioSchedule, TaylorSeerConfig, ToCaConfig
@@ -45,46 +46,90 @@ def _letters(config, steps):
     return "".join(names[policy.plan(s, steps).mode] for s in range(steps))
 
 
-@settings(max_examples=200)
-@given(n=st.integers(1, 8), steps=st.integers(1, 80), weight=st.sampled_from([0.0, 0.4]),
-       forced=st.sampled_from([(), ((10, 20, 2),), ((0.2, 0.4, 2),), ((0.0, 0.3, 1), (0.5, 0.75, 4))]))
-def test_duca_counting_down_follows_the_official_dit_rule(n, steps, weight, forced):
-    """Re-derive the DiT schedule from the rule as written (x counts down; full when x % I == 0,
-    I recomputed there; odd residue conservative, even aggressive) and compare."""
-    config = DuCaConfig(interval=n, count_down=True, interval_weight=weight, forced_interval=forced)
-    expected, interval = "", n
-    for x in range(steps - 1, -1, -1):
-        if x == steps - 1 or x % interval == 0:
-            expected += "F"
-            bounds = [(int(lo * steps), int(hi * steps), v) if isinstance(lo, float) else (lo, hi, v)
-                      for lo, hi, v in forced]                       # fractions of T: int(f·T)
-            f = next((v for lo, hi, v in bounds if lo <= x < hi), None)
-            interval = f or max(1, round(n / (1 + weight - 2 * weight * x / steps))) if weight or f else n
-        else:
-            expected += "C" if (x % interval) % 2 else "A"
-    assert _letters(config, steps) == expected
+def _official_types(n, steps, weight, forced, layers=3, aggressive=True, count_down=True):
+    """The official DiT / PixArt step-type code as written, block by block: ``cal_type`` with the
+    shared ``cal_threshold``, updated by ``force_scheduler`` in every full block (the interval in
+    float32 with torch's round-half-to-even). One string of block letters per step."""
+    threshold, rows = n, []
+    for s in range(steps):
+        x = steps - 1 - s if count_down else s
+        row = ""
+        for _ in range(layers):
+            interval = n if s == 0 else threshold
+            if s == 0 or x % interval == 0:
+                row += "F"
+                bounds = [(int(lo * steps), int(hi * steps), v) if isinstance(lo, float) else (lo, hi, v)
+                          for lo, hi, v in forced]                       # fractions of T: int(f·T)
+                factor = torch.tensor(1 + weight - 2 * weight * x / steps)
+                threshold = int(torch.round(n / factor))
+                threshold = next((v for lo, hi, v in bounds if lo <= x < hi), threshold)
+            else:
+                row += "C" if (x % interval) % 2 or not aggressive else "A"
+        rows.append(row)
+    return rows
+
+
+def _layer_letters(config, steps, layers=3):
+    """Per step, one letter per block from the policy's per-site actions: F computed, A skipped, C else."""
+    policy = make_policy(config)
+    sites = [_site(f"b.{i}.{k}", k, layer=i) for i in range(layers) for k in ("self_attn", "ff")]
+    rows = []
+    for s in range(steps):
+        actions, skip = policy.actions(policy.plan(s, steps), sites, layers, s, steps)
+        rows.append("".join("F" if actions[f"b.{i}.ff"] == "compute" else "A" if skip else "C" for i in range(layers)))
+    return rows
+
+
+@settings(max_examples=300)
+@given(n=st.integers(1, 8), steps=st.integers(1, 80), weight=st.sampled_from([0.0, 0.4, -0.2, 0.8]),
+       forced=st.sampled_from([(), ((10, 20, 2),), ((0.2, 0.4, 2),), ((0.0, 0.3, 1), (0.5, 0.75, 4))]),
+       down=st.booleans(), toca=st.booleans())
+def test_step_types_follow_the_official_code_block_by_block(n, steps, weight, forced, down, toca):
+    """"per-layer" gives every block the official code's type; "whole-step" gives every block the
+    type the official code runs in block 0 (ToCa: every non-full step conservative)."""
+    make = ToCaConfig if toca else DuCaConfig
+    kw = dict(interval=n, ratio=0.5, count_down=down, interval_weight=weight, forced_interval=forced)
+    official = _official_types(n, steps, weight, forced, aggressive=not toca, count_down=down)
+    assert _layer_letters(make(**kw, step_types="per-layer"), steps) == official
+    assert _layer_letters(make(**kw), steps) == [row[0] * 3 for row in official]
+
+
+# Block 0 | the later blocks, per step, printed by the official code itself (DuCa-DiT / DiT-ToCa /
+# PixArt-alpha-ToCa cache_functions: cal_type or global_force_fresh, force_init, force_scheduler)
+# run over 28 blocks with the presets' settings; the later blocks always agreed with each other.
+OFFICIAL = {
+    ("dit-xl-2", "duca", 3, 50): ("FCACFFCACFCACFCACFCFACFACFACFACFCFCFCFCFCFCFCFCFCF",
+                                  "FCACCFCACFCACFCACACFACFACFACFACFCFCFCFCFCFCFCFCFCF"),
+    ("dit-xl-2", "duca", 5, 50): ("FFCACACACFACACFACACFACACFACACFACACFFCFCFCFCACFCACF",
+                                  "FFCACACACCACACCACACFACACFACACFACACCFCFCFCFCACFCACF"),
+    ("dit-xl-2", "toca", 3, 50): ("FCCCFFCCCFCCCFCCCFCFCCFCCFCCFCCFCFCFCFCFCFCFCFCFCF",
+                                  "FCCCCFCCCFCCCFCCCCCFCCFCCFCCFCCFCFCFCFCFCFCFCFCFCF"),
+    ("dit-xl-2", "duca", 3, 20): ("FCACFACFACFACFCFCFCF", "FCACCACFACFACFCFCFCF"),
+    ("dit-xl-2", "duca", 5, 20): ("FACFCFCFCFACACFFCFCF", "FACACACACFACACCFCACF"),
+    ("dit-xl-2", "toca", 3, 20): ("FCCCFCCFCCFCCFCFCFCF", "FCCCCCCFCCFCCFCFCFCF"),
+    ("pixart-alpha", "toca", 3, 20): ("FCCCFCFCCFCCFCCFCCFC", "FCCCCCFCCFCCFCCFCCFC"),
+    ("pixart-alpha", "toca", 3, 50): ("FCCCFCCCFFCCFCCFCCFCCFCCFCCFCCFCCFCCFCCFCCFCCFCCFC",
+                                      "FCCCFCCCCFCCFCCFCCFCCFCCFCCFCCFCCFCCFCCFCCFCCFCCFC"),
+}
+
+
+@pytest.mark.parametrize("model, method, n, steps", list(OFFICIAL))
+def test_presets_schedule_every_block_as_the_official_code(model, method, n, steps):
+    config = dataclasses.replace(duca_compile.presets(model, method), interval=n)
+    head, rest = OFFICIAL[(model, method, n, steps)]
+    rows = _layer_letters(config, steps)
+    assert "".join(r[0] for r in rows) == head and all(r[1:] == c * 2 for r, c in zip(rows, rest))
 
 
 def test_dit_duca_preset_runs_the_interval_down_to_two():
     letters = _letters(duca_compile.presets("dit-xl-2", "duca"), 50)
-    assert letters.startswith("FCACF")                 # I = round(3 / 0.616) = 5 at the first step
+    assert letters.startswith("FCACC")                 # I = round(3 / 0.616) = 5, then 4 from step 4 on
     assert "A" not in letters[30:]                     # x < 20: I <= 2 leaves no aggressive step
     assert letters[30:40] == "CF" * 5                  # forced I = 2 for x in [10, 20): full on even x
     counts = {c: letters.count(c) for c in "FCA"}
-    assert counts == {"F": 20, "C": 22, "A": 8}        # the official per-layer quirk gives 18/23/9
-
-
-@pytest.mark.parametrize("method", ["duca", "toca"])
-def test_dit_presets_force_interval_two_on_the_same_fraction_of_any_request(method):
-    """Official DiT: I = 2 for int(0.2·T) <= x < int(0.4·T), whatever T (was a fixed 10 <= x < 20)."""
-    config = duca_compile.presets("dit-xl-2", method)
-    assert config.forced_interval == ((0.2, 0.4, 2),)
-    at_50 = dataclasses.replace(config, forced_interval=((10, 20, 2),))
-    assert _letters(config, 50) == _letters(at_50, 50)                 # T = 50: the steps of the paper
-    at_20 = dataclasses.replace(config, forced_interval=((4, 8, 2),))
-    assert _letters(config, 20) == _letters(at_20, 20)
-    assert _letters(config, 20) != _letters(at_50, 20)                 # x in [10, 20) would be wrong at T = 20
-    assert _letters(config, 20)[13:16] == "FCF"                      # x = 6, 5, 4 (counting down): I = 2
+    assert counts == {"F": 18, "C": 23, "A": 9}        # the official count (18 full steps, not 20)
+    whole = _letters(dataclasses.replace(duca_compile.presets("dit-xl-2", "duca"), step_types="whole-step"), 50)
+    assert {c: whole.count(c) for c in "FCA"} == {"F": 20, "C": 22, "A": 8}
 
 
 def test_opensora_cycles_compute_cross_attention_only_every_sixth_step():
@@ -196,6 +241,7 @@ def test_presets_list_and_reject_unknown_names():
     (lambda: DuCaConfig(cycles=3), "cycles"),
     (lambda: ToCaConfig(forced_interval=5), "forced_interval"),
     (lambda: ToCaConfig(count_down="yes"), "count_down"),
+    (lambda: DuCaConfig(step_types="per-block"), "step_types"),
 ])
 def test_bad_method_config_raises_value_error_naming_the_field(bad, field):
     with pytest.raises(ValueError, match=field):
@@ -212,7 +258,7 @@ def _sites():
 _ANY = st.one_of(
     st.none(), st.booleans(), st.integers(-2**70, 2**70), st.integers(-3, 40),
     st.floats(allow_nan=True, allow_infinity=True), st.floats(-2, 2), st.text(max_size=4),
-    st.sampled_from(["random", "kv-norm", "full", "reuse", "skip", "subset", "FCA", "self_attn"]),
+    st.sampled_from(["random", "kv-norm", "full", "reuse", "skip", "subset", "FCA", "self_attn", "per-layer"]),
     st.lists(st.integers(-1, 30), max_size=3).map(tuple),
     st.lists(st.tuples(st.integers(-1, 30), st.integers(-1, 30), st.integers(-1, 5)), max_size=2).map(tuple),
     st.lists(st.sampled_from(["full", "reuse", "skip", "subset", "fast"]), max_size=3),

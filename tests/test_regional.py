@@ -94,11 +94,17 @@ def test_regional_methods_match_the_oracle(family, method, steps, seed):
         assert state_of(model).stats.cache_hits > 0
 
 
-@pytest.mark.parametrize("config", [FORAConfig(interval=3), DuCaConfig(ratio=0.0), TaylorSeerConfig()],
-                         ids=["fora", "duca-no-subset", "taylorseer"])
-def test_regional_equals_whole_model_duca(config):
+# step 1 of 7 is full in block 0 only, aggressive in the others (see test_methods.PER_LAYER)
+PER_LAYER = DuCaConfig(interval=2, ratio=0.0, count_down=True, interval_weight=0.8, forced_interval=((0.2, 0.4, 2),),
+                       step_types="per-layer")
+
+
+@pytest.mark.parametrize("config, steps", [(FORAConfig(interval=3), 8), (DuCaConfig(ratio=0.0), 8),
+                                           (TaylorSeerConfig(), 8), (PER_LAYER, 7)],
+                         ids=["fora", "duca-no-subset", "taylorseer", "duca-per-layer"])
+def test_regional_equals_whole_model_duca(config, steps):
     """Where no random token is drawn, block by block and whole-model give the same outputs and stats."""
-    family, steps = "flux", 8
+    family = "flux"
     twin, regional = compile_regional(family, config)
     model, whole = compile_tiny(family, config)
     model.load_state_dict(twin.state_dict())

@@ -16,7 +16,7 @@ aten = torch.ops.aten
 
 
 def record_value_norms(ctx: VariantContext) -> None:
-    if ctx.skip_stack or not ctx.layout.value_norms:
+    if not ctx.layout.value_norms:
         return
     graph, nodes = ctx.gm.graph, ctx.nodes()
     computed = {s.block for s in ctx.sitemap.sites if s.kind == "self_attn" and ctx.actions[s.name] == "compute"}

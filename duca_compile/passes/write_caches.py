@@ -1,4 +1,6 @@
 """FULL (and the computed sites of other variants): write fresh outputs into their caches in place.
+A SKIP step writes no stack output; the sites it still computes (blocks that are full on that step
+only to refresh their caches) write theirs.
 
 ``aten.copy_`` into a graph input is functionalized by AOTAutograd and becomes an in-place store
 Inductor fuses into the producing kernel; the output's users keep reading the fresh value. With
@@ -16,9 +18,7 @@ __all__ = ["write_caches"]
 
 def write_caches(ctx: VariantContext) -> None:
     graph, nodes = ctx.gm.graph, ctx.nodes()
-    if ctx.skip_stack:
-        return
-    for i, name in enumerate(ctx.sitemap.stack_outputs):
+    for i, name in enumerate(ctx.sitemap.stack_outputs if not ctx.skip_stack else ()):
         with graph.inserting_before(nodes[name].next):
             graph.call_function(torch.ops.aten.copy_.default, (ctx.cache_nodes[f"stack:{i}"], nodes[name]))
     for site in ctx.sitemap.sites:

@@ -26,11 +26,15 @@ class Mode(str, Enum):
 @dataclass(frozen=True)
 class StepPlan:
     """mode: the step's kind; ratio: fraction of tokens for SUBSET sites (before any per-site
-    schedule); site_modes: per site-kind overrides, e.g. ``(("cross_attn", Mode.REUSE),)``."""
+    schedule); site_modes: per site-kind overrides, e.g. ``(("cross_attn", Mode.REUSE),)``;
+    full_blocks: the first n blocks compute in full whatever the mode (the official DiT schedule's
+    steps that are full in layer 0 only). With SKIP they refresh their caches and the stack output
+    is still read from its cache."""
 
     mode: Mode
     ratio: float = 0.0
     site_modes: tuple = ()
+    full_blocks: int = 0
 
 
 def check_int(owner: str, name: str, value, low: int, high: int | None = None) -> None:
@@ -138,13 +142,20 @@ class CachePolicy:
         return max(int(plan.ratio * site.tokens[0]), 1) if plan.ratio > 0 else 0
 
     def actions(self, plan: StepPlan, sites, layers: int, step: int, num_steps: int | None) -> tuple[dict, bool]:
-        """Per-site actions ("compute" | "reuse" | k tokens) and whether the whole stack is skipped."""
+        """Per-site actions ("compute" | "reuse" | k tokens) and whether the whole stack is skipped
+        (its output read from the cache; sites of ``plan.full_blocks`` still compute, for their caches)."""
         overrides = dict(plan.site_modes)
-        out, computes = {}, False
+        out, computes = {}, False          # computes: a computed site feeds the stack (no SKIP then)
         for site in sites:
-            mode = Mode.FULL if site.layer < self.config.compute_first else overrides.get(site.kind, plan.mode)
+            if site.layer < self.config.compute_first:
+                mode, feeds = Mode.FULL, True
+            elif site.layer < plan.full_blocks:        # on a SKIP step these only refresh their caches
+                mode, feeds = Mode.FULL, plan.mode is not Mode.SKIP
+            else:
+                mode, feeds = overrides.get(site.kind, plan.mode), True
             if mode is Mode.FULL:
-                out[site.name], computes = "compute", True
+                out[site.name] = "compute"
+                computes = computes or feeds
             elif mode is Mode.SUBSET and site.subsettable:
                 # One compiled SUBSET serves every k >= 2 (sizes 0 and 1 are specialised), so a site
                 # with a positive ratio whose k rounds below 2 computes 2: the step keeps its one
@@ -153,7 +164,9 @@ class CachePolicy:
                 out[site.name] = min(max(k, MIN_SUBSET), site.tokens[0]) if k > 0 else "reuse"
             else:
                 out[site.name] = "reuse"
-        skip = plan.mode is Mode.SKIP and not computes and not any(isinstance(a, int) for a in out.values())
+        # a SKIP step whose full blocks are every block (a one-block model) is a FULL step
+        skip = (plan.mode is Mode.SKIP and not computes and not any(isinstance(a, int) for a in out.values())
+                and "reuse" in out.values())
         return out, skip
 
 

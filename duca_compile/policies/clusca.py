@@ -22,8 +22,11 @@ class ClusCaConfig(CacheConfig):
     propagation (`float`, defaults to `0.005`): γ, weight of the representative in its cluster's update.
     max_order (`int`, defaults to `1`): TaylorSeer order of every branch.
     first_enhance (`int`, defaults to `3`): warm-up FULL steps.
-    kmeans_iters (`int`, defaults to `10`): k-means iterations per full step (run without an
-        early-stop test, which would sync the host; a converged clustering is a fixed point)."""
+    kmeans_iters (`int`, defaults to `10`): k-means iterations per full step, warm-started from
+        the last centroids (run without an early-stop test, which would sync the host; a converged
+        clustering is a fixed point).
+    kmeans_cold_iters (`int`, defaults to `10`): iterations of a request's first clustering, from
+        random tokens (official: up to 100 on DiT, 10 on FLUX, stopping once the centroids settle)."""
 
     interval: int = 5
     clusters: int = 16
@@ -31,6 +34,7 @@ class ClusCaConfig(CacheConfig):
     max_order: int = 1
     first_enhance: int = 3
     kmeans_iters: int = 10
+    kmeans_cold_iters: int = 10
 
     def __post_init__(self):
         super().__post_init__()
@@ -41,6 +45,7 @@ class ClusCaConfig(CacheConfig):
         check_int(owner, "max_order", self.max_order, 0)
         check_int(owner, "first_enhance", self.first_enhance, 1)
         check_int(owner, "kmeans_iters", self.kmeans_iters, 1)
+        check_int(owner, "kmeans_cold_iters", self.kmeans_cold_iters, 1)
 
 
 @register_policy(ClusCaConfig)

@@ -72,10 +72,13 @@ class DuCaPolicy(CachePolicy):
             return StepPlan(main, c.ratio, site_modes)
         if self.needs_num_steps:
             self.require_num_steps(num_steps)
-        r = c.residue(step, num_steps)
-        if r == 0:
+        head, rest = c.residues(step, num_steps)
+        if rest == 0:
             return StepPlan(Mode.FULL)
-        return StepPlan(Mode.SUBSET, c.ratio) if r % 2 else StepPlan(Mode.SKIP)
+        full_blocks = 1 if head == 0 else 0       # "per-layer": full in block 0 only
+        if rest % 2:
+            return StepPlan(Mode.SUBSET, c.ratio, full_blocks=full_blocks)
+        return StepPlan(Mode.SKIP, full_blocks=full_blocks)
 
     def site_k(self, site, layers, plan, step, num_steps):
         return self.config.site_k(site, layers, plan, step, num_steps)

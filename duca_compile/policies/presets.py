@@ -28,16 +28,20 @@ MODELS = {
 }
 
 # DiT's DDIM loop counts steps down; its interval follows N / (1.4 − 0.8·x/T), forced to 2 for
-# int(0.2·T) <= x < int(0.4·T) (x in [10, 20) at T = 50).
-_DIT_STEPS = dict(count_down=True, interval_weight=0.4, forced_interval=((0.2, 0.4, 2),))
+# int(0.2·T) <= x < int(0.4·T) (x in [10, 20) at T = 50), and is updated in layer 0 of a full step,
+# the later layers deciding their type with the new one (DuCa N=3: 18 full steps, not 20).
+_DIT_STEPS = dict(count_down=True, interval_weight=0.4, forced_interval=((0.2, 0.4, 2),), step_types="per-layer")
 _DIT_RATIO = RatioSchedule(step_weight=2.0, layer_weight=-0.2, module_weight=2.5, module_tau=0.6, count_down=True)
 _PIXART_RATIO = RatioSchedule(step_weight=0.9, layer_weight=0.6, module_weight=1.0, module_tau=0.6)
 _OPENSORA_CYCLES = (("self_attn", "FCA"), ("ff", "FCA"), ("cross_attn", "FCACCA"))
 
 
 def _dit_duca(selection):
+    # the official DiT kv-norm score is per batch row (the CFG halves may pick different tokens);
+    # its random score is drawn for one half and repeated
     return DuCaConfig(interval=3, ratio=0.05, selection=selection, soft_fresh_weight=0.25, spatial_grid=2,
-                      spatial_bonus=0.8, ratio_schedule=_DIT_RATIO, **_DIT_STEPS)
+                      spatial_bonus=0.8, ratio_schedule=_DIT_RATIO, share_cfg_indices=selection != "kv-norm",
+                      **_DIT_STEPS)
 
 
 def _pixart_duca(selection):
@@ -58,17 +62,19 @@ PRESETS = {
                                               **_DIT_STEPS),
                            "ToCa README, DDIM-50: N=3, R=0.07, ToCa-ddim50 ratio schedule"),
     ("dit-xl-2", "duca"): (lambda: _dit_duca("random"), "DuCa README (N=3, R=0.05, λ3=0.25), v2 random selection"),
-    ("dit-xl-2", "duca-v1"): (lambda: _dit_duca("kv-norm"), "as 'duca' with v1's V-caching (kv-norm) scores"),
+    ("dit-xl-2", "duca-v1"): (lambda: _dit_duca("kv-norm"), "as 'duca' with v1's V-caching (kv-norm) scores, "
+                                                            "per batch row"),
     ("dit-xl-2", "taylorseer"): (lambda: TaylorSeerConfig(interval=4, max_order=4, first_enhance=2),
                                  "TaylorSeer-DiT defaults: interval 4, max order 4"),
-    ("dit-xl-2", "clusca"): (lambda: ClusCaConfig(interval=5, clusters=16, propagation=0.005, max_order=1,
-                                                  first_enhance=2),
-                             "ClusCa DiT sample_ddp.py: N=5, K=16, γ=0.005"),
+    ("dit-xl-2", "clusca"): (lambda: ClusCaConfig(interval=4, clusters=16, propagation=0.005, max_order=4,
+                                                  first_enhance=2, kmeans_cold_iters=100),
+                             "ClusCa-DiT sample_ddp.py defaults: N=4, O=4, K=16, γ=0.005 (sample.py: γ=0); "
+                             "k-means from random tokens up to 100 iterations"),
     ("pixart-alpha", "fora"): (lambda: FORAConfig(interval=3), "FORA N=3"),
     ("pixart-alpha", "toca"): (lambda: ToCaConfig(interval=3, ratio=0.30, soft_fresh_weight=0.25, spatial_grid=4,
                                                   spatial_bonus=0.4, ratio_schedule=_PIXART_RATIO,
-                                                  interval_weight=-0.2),
-                               "ToCa PixArt: N=3 (≈4 → 2 over the run), R=0.30"),
+                                                  interval_weight=-0.2, step_types="per-layer"),
+                               "ToCa PixArt: N=3 (≈4 → 2 over the run, updated per layer), R=0.30"),
     ("pixart-alpha", "duca"): (lambda: _pixart_duca("random"), "DuCa README PixArt: N=3, R=0.75, λ3=0.25; v2 random"),
     ("pixart-alpha", "duca-v1"): (lambda: _pixart_duca("kv-norm"), "as 'duca' with kv-norm scores"),
     ("flux-dev", "fora"): (lambda: FORAConfig(interval=3), "FORA N=3, as compared in TaylorSeer's FLUX table"),

@@ -10,11 +10,14 @@ import functools
 import math
 from dataclasses import dataclass
 
+import torch
+
 from .base import CacheConfig, StepPlan, check_bool, check_int, check_number, check_unit
 
-__all__ = ["RatioSchedule", "TokenConfig", "official_step", "cycle_residues", "SELECTIONS"]
+__all__ = ["RatioSchedule", "TokenConfig", "official_step", "cycle_residues", "SELECTIONS", "STEP_TYPES"]
 
 SELECTIONS = ("random", "kv-norm")
+STEP_TYPES = ("whole-step", "per-layer")
 
 
 def official_step(step: int, num_steps: int | None, count_down: bool) -> int:
@@ -51,27 +54,32 @@ class RatioSchedule:
 
 
 def cycle_residues(num_steps: int | None, step: int, interval: int, weight: float, count_down: bool,
-                   forced: tuple) -> int:
-    """0 if ``step`` is a full step, else its residue ``x % I`` (odd: conservative, even: aggressive).
+                   forced: tuple, per_layer: bool = False) -> tuple[int, int]:
+    """``(head, rest)``: the step's residue ``x % I`` in its first block and in the others, 0 for
+    a full step (odd: conservative, even: aggressive).
 
     The official rule: full on the first step or when ``x % I == 0``; each full step recomputes
-    ``I = round(interval / (1 + w − 2w·x/T))`` (or a forced value for ``lo <= x < hi``).
+    ``I = round(interval / (1 + w − 2w·x/T))`` (or a forced value for ``lo <= x < hi``). With
+    ``per_layer`` (the official DiT / PixArt code) the first block of a full step updates ``I`` and
+    the later blocks decide their type again with it, so a step can be full in its first block only.
     """
     if not weight and not count_down and not forced:
-        return step % interval          # constant interval, counting up: no need for T
-    return _residues(num_steps, interval, weight, count_down, forced)[step]
+        r = step % interval             # constant interval, counting up: no need for T
+        return r, r
+    return _residues(num_steps, interval, weight, count_down, forced, per_layer)[step]
 
 
 @functools.lru_cache(maxsize=64)
-def _residues(num_steps: int, interval: int, weight: float, count_down: bool, forced: tuple) -> tuple:
+def _residues(num_steps: int, interval: int, weight: float, count_down: bool, forced: tuple,
+              per_layer: bool) -> tuple:
     out, I = [], interval
     for s in range(num_steps):
         x = official_step(s, num_steps, count_down)
         if s == 0 or x % I == 0:
             I = _interval_at(x, num_steps, interval, weight, forced)
-            out.append(0)
+            out.append((0, x % I if per_layer and s > 0 else 0))
         else:
-            out.append(x % I)
+            out.append((x % I, x % I))
     return tuple(out)
 
 
@@ -89,7 +97,10 @@ def _interval_at(x: int, num_steps: int, interval: int, weight: float, forced: t
             return value
     if not weight:
         return interval
-    return max(1, round(interval / (1 + weight - 2 * weight * x / num_steps)))
+    # in float32 with round-half-to-even, as the official torch code: float64 rounds some halves up
+    # (N=2, T=4: 2 / 0.8 is 2.5000000000000004 in float64, 2.5 -> 2 in float32)
+    factor = torch.tensor(1 + weight - 2 * weight * x / num_steps, dtype=torch.float32)
+    return max(1, int(torch.round(interval / factor)))
 
 
 def _is_int(v) -> bool:
@@ -128,6 +139,12 @@ class TokenConfig(CacheConfig):
     k_multiple (`int`, defaults to `1`): round each site's k down to a multiple of this (at least
         2 tokens still run). Compile count does not depend on it: one SUBSET compile serves every k.
     warmup (`int`, defaults to `0`): the first ``warmup`` steps are FULL (ToCa-FLUX, OpenSora: 3).
+    step_types (`str`, defaults to `"whole-step"`): how a step's type is decided when the interval
+        changes. "whole-step": one type per step for every block, the interval updated after each
+        full step. "per-layer": the official DiT and PixArt code, which decides per block: block 0
+        of a full step updates the interval and the later blocks re-decide with the new one, so
+        some full steps are full in block 0 only (conservative or aggressive in the others; on an
+        aggressive one block 0 just refreshes its caches). Same schedule at a constant interval.
     """
 
     interval: int = 3
@@ -142,6 +159,7 @@ class TokenConfig(CacheConfig):
     forced_interval: tuple = ()
     k_multiple: int = 1
     warmup: int = 0
+    step_types: str = "whole-step"
 
     def __post_init__(self):
         super().__post_init__()
@@ -159,6 +177,8 @@ class TokenConfig(CacheConfig):
         check_int(owner, "spatial_grid", self.spatial_grid, 0)
         check_int(owner, "k_multiple", self.k_multiple, 1)
         check_int(owner, "warmup", self.warmup, 0)
+        if self.step_types not in STEP_TYPES:
+            raise ValueError(f"{owner}.step_types must be one of {STEP_TYPES}, got {self.step_types!r}")
         if self.ratio_schedule is not None and not isinstance(self.ratio_schedule, RatioSchedule):
             raise ValueError(f"{owner}.ratio_schedule must be a RatioSchedule, got {self.ratio_schedule!r}")
         forced = self.forced_interval
@@ -172,9 +192,10 @@ class TokenConfig(CacheConfig):
         rs = self.ratio_schedule
         return bool(self.interval_weight or self.count_down or self.forced_interval or (rs and rs.step_weight))
 
-    def residue(self, step: int, num_steps: int | None) -> int:
+    def residues(self, step: int, num_steps: int | None) -> tuple[int, int]:
+        """The step's residue in block 0 and in the later blocks (0: full; see ``cycle_residues``)."""
         return cycle_residues(num_steps, step, self.interval, self.interval_weight, self.count_down,
-                              self.forced_interval)
+                              self.forced_interval, self.step_types == "per-layer")
 
     def site_k(self, site, layers: int, plan: StepPlan, step: int, num_steps: int | None) -> int:
         ratio = plan.ratio

@@ -29,9 +29,12 @@ class ToCaPolicy(CachePolicy):
     def plan(self, step, num_steps=None):
         if self.needs_num_steps:
             self.require_num_steps(num_steps)
-        if step < self.config.warmup or self.config.residue(step, num_steps) == 0:
+        if step < self.config.warmup:
             return StepPlan(Mode.FULL)
-        return StepPlan(Mode.SUBSET, self.config.ratio)
+        head, rest = self.config.residues(step, num_steps)
+        if rest == 0:
+            return StepPlan(Mode.FULL)
+        return StepPlan(Mode.SUBSET, self.config.ratio, full_blocks=1 if head == 0 else 0)
 
     def site_k(self, site, layers, plan, step, num_steps):
         return self.config.site_k(site, layers, plan, step, num_steps)
