@@ -147,20 +147,20 @@ def _symbolic_flops(runner, key, gm):
     inputs = _fake_inputs(runner, gm, key, fake_mode)
     placeholders = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
     symbols = {}
-    with fake_mode:
-        for spec in specs:
-            sym = shape_env.create_symbol(spec.shape[1], ConstantSource(f"duca_k_{spec.placeholder}"))
-            k = shape_env.create_symintnode(sym, hint=spec.shape[1])
-            inputs[placeholders.index(spec.placeholder)] = torch.empty((spec.shape[0], k), dtype=spec.dtype,
-                                                                       device=spec.device)
-            symbols[spec.site] = sym
-        try:
+    try:
+        with fake_mode:
+            for spec in specs:
+                sym = shape_env.create_symbol(spec.shape[1], ConstantSource(f"duca_k_{spec.placeholder}"))
+                k = shape_env.create_symintnode(sym, hint=spec.shape[1])
+                inputs[placeholders.index(spec.placeholder)] = torch.empty((spec.shape[0], k), dtype=spec.dtype,
+                                                                           device=spec.device)
+                symbols[spec.site] = sym
             total = count_flops(gm, *inputs)
-        except Exception:  # noqa: BLE001 - a graph symbolic k cannot run: count each plan concretely
-            return None
-    expr = total.node.expr if isinstance(total, torch.SymInt) else None
-    if any(sym in shape_env.replacements for sym in symbols.values()) or \
-            (expr is not None and not expr.free_symbols <= set(symbols.values())):
+        expr = total.node.expr if isinstance(total, torch.SymInt) else None
+        fixed = any(sym in shape_env.replacements for sym in symbols.values())
+    except Exception:  # noqa: BLE001 - a graph (or a torch) where k cannot be symbolic: count each plan
+        return None
+    if fixed or (expr is not None and not expr.free_symbols <= set(symbols.values())):
         return None
 
     def per_k(plan_key) -> int:
