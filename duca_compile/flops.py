@@ -100,14 +100,13 @@ def variant_flops(runner, key) -> int:
     fake tensors in a fresh ``FakeTensorMode``: nothing real runs, any model size works. A
     variant not built yet is built first, with the runner's inner compiler. Plans sharing one
     compiled SUBSET graph are counted once, with each site's k symbolic."""
-    memo, patterns = _memo(runner)
+    memo = _memo(runner)[0]
     if key not in memo:
-        gm = _variant_graph(runner, key) if runner.pattern(key) not in patterns else None
-        per_k = _symbolic_flops(runner, key, gm) if key not in runner.variant_graphs else None
+        per_k = _symbolic_flops(runner, key) if key not in runner.variant_graphs else None
         if per_k is not None:
             memo[key] = per_k(key)
         else:
-            gm = gm or _variant_graph(runner, key)
+            gm = _variant_graph(runner, key)
             fake_mode = torch._subclasses.FakeTensorMode(allow_non_fake_inputs=True)
             inputs = _fake_inputs(runner, gm, key, fake_mode)
             with fake_mode:
@@ -125,7 +124,7 @@ def _memo(runner) -> tuple[dict, dict]:
     return per_graph.setdefault((layout.orders, layout.propagation, bool(layout.value_norms)), ({}, {}))
 
 
-def _symbolic_flops(runner, key, gm):
+def _symbolic_flops(runner, key):
     """FLOPs of ``key``'s pattern graph as a function of a plan's SUBSET sizes, counted once with
     one symbol per index input's k (``FlopCounterMode`` then sums symbolic FLOPs); None when the
     pattern has no SUBSET site, or when counting fixed a k (the expression would not hold)."""
@@ -134,11 +133,11 @@ def _symbolic_flops(runner, key, gm):
     if pattern in known:
         return known[pattern]
     known[pattern] = None
-    gm = gm or _variant_graph(runner, key)
     actions = _actions_of(runner, key)[0]
     specs = [s for s in runner.layout.inputs(actions) if s.kind == "index"]
     if not specs:
         return None
+    gm = _variant_graph(runner, key)
     from torch.fx.experimental.symbolic_shapes import ShapeEnv
     from torch._dynamo.source import ConstantSource
 
