@@ -45,7 +45,7 @@ def fidelity(args) -> None:
     from .data import digits
     from .fidelity import QUICK, STANDARD, run
     from .metrics import features
-    from .models import load_classifier, load_dit
+    from .models import calibration, load_classifier, load_dit
 
     setup = dataclasses.replace(QUICK if args.quick else STANDARD, **{k: v for k, v in (
         ("samples", args.samples), ("steps", args.steps), ("guidance", args.guidance)) if v is not None})
@@ -59,19 +59,45 @@ def fidelity(args) -> None:
         peer_list = [p for p in peer_list if p.library != "cache-dit"]
     if args.quick:                                   # diffusers is a dependency: its hooks always run
         peer_list = [p for p in peer_list if p.library == "diffusers"][:1]
-    rows, drawn, labels = run(setup, model, classifier, real, peer_list, progress=_progress())
+    rows, drawn, labels = run(setup, model, classifier, real, peer_list, progress=_progress(),
+                              calibration=calibration(model))
     name = "fidelity" + _suffix(args.quick)
     text = (f"{setup.samples} samples per method, DDIM {setup.steps} steps, guidance {setup.guidance}, as "
             f"{setup.samples // setup.batch} requests of {setup.batch} through {setup.inner}; request time: median "
             f"of the requests after the first (warm-up).\n\n"
             + markdown_table(rows, FIDELITY_COLUMNS) + "\n")
-    text += _random_vs_kv_norm(rows)
+    text += _random_vs_kv_norm(rows) + _front_vs_peers(rows)
     if unavailable:
         text += "\nPeers that could not run on this model:\n\n" + "".join(f"- {k}: {v}\n" for k, v in unavailable.items())
     path = write(args.out, name, "Fidelity: every method against the uncached sampler", text, rows, environment())
     plot_tradeoff(rows, args.out / f"{name}.png")
     keep = [k for k in drawn if k == "uncached" or "N=3" in k or "preset" in k or k in {p.name for p in peer_list[:4]}]
     sample_grid({k: drawn[k] for k in keep}, labels, args.out / f"samples{_suffix(args.quick)}.png")
+    print(path.read_text())
+    _heldout(args, setup)
+
+
+HELDOUT_COLUMNS = {"method": ("method", "{}"), "knob": ("knob", "{}"), "PSNR (dB)": ("psnr", "{:.2f}"),
+                   "FLOP ratio": ("flop_ratio", "{:.1%}"), "FLOP speed-up": ("flop_speedup", "{:.2f}x")}
+
+
+def _heldout(args, main_setup) -> None:
+    """The front on a model the knobs were not picked on (``--quick``: the tiny size, 8 steps)."""
+    from .fidelity import HELDOUT, heldout
+    from .speed import _model
+
+    setup = dataclasses.replace(HELDOUT, samples=1, batch=1, steps=8) if args.quick else HELDOUT
+    methods = ("FORA", "Calibrated") if args.quick else None
+    size = "tiny" if args.quick else "DiT-B-like"
+    rows = heldout(setup, _model(size, "cpu"), **({"methods": methods} if methods else {}), progress=_progress())
+    name = "fidelity_heldout" + _suffix(args.quick)
+    text = (f"The {size} DiT (random weights), not the model "
+            f"the front's knobs were picked on: {setup.samples} samples, DDIM {setup.steps} steps, guidance "
+            f"{setup.guidance}, eager; PSNR against its own uncached run, FLOP speed-up (no wall-clock: eager). "
+            "The calibrated rows use ratios calibrated on this model (one request, other seeds).\n\n"
+            + markdown_table(rows, HELDOUT_COLUMNS) + "\n")
+    path = write(args.out, name, f"Fidelity front on a held-out model ({size})", text, rows, environment())
+    plot_tradeoff(rows, args.out / f"{name}.png", x="flop_speedup", xlabel="FLOP speed-up vs uncached")
     print(path.read_text())
 
 
@@ -88,6 +114,40 @@ def _random_vs_kv_norm(rows) -> str:
     wins = sum(v2.psnr >= v1.psnr for _, v2, v1 in pairs)
     return (f"\nRandom (v2) minus kv-norm (v1) selection, same N: {cells}. Random has the higher PSNR "
             f"at {wins} of {len(pairs)} N.\n")
+
+
+PEER_LIBRARIES = ("cache-dit", "diffusers")
+
+
+def _front_vs_peers(rows, x: str = "speedup", x_name: str = "speed-up") -> str:
+    """Per peer point: the duca rows at least as fast with at least its PSNR (above it), or the
+    best PSNR duca has at its speed-up or faster (below it by so much)."""
+    get = lambda r, a: getattr(r, a) if dataclasses.is_dataclass(r) else r[a]      # noqa: E731
+    ours = [r for r in rows if get(r, "method") != "uncached" and not get(r, "method").startswith(PEER_LIBRARIES)]
+    lines = []
+    for peer in (r for r in rows if get(r, "method").startswith(PEER_LIBRARIES)):
+        px, py = get(peer, x), get(peer, "psnr")
+        if get(peer, "flop_ratio") >= 0.999:
+            lines.append(f"- {get(peer, 'method')}: never skipped a computation here (FLOP ratio 100%): no point to compare")
+            continue
+        faster = [r for r in ours if get(r, x) >= px]
+        above = sorted((r for r in faster if get(r, "psnr") >= py), key=lambda r: -get(r, "psnr"))
+        where = f"{get(peer, 'method')} ({py:.2f} dB at {px:.2f}x)"
+        if above:
+            best = above[0]
+            lines.append(f"- {where}: **above** — {len(above)} duca rows as fast or faster with a PSNR as high or "
+                         f"higher; best {get(best, 'method')} {get(best, 'knob')}: {get(best, 'psnr'):.2f} dB at "
+                         f"{get(best, x):.2f}x")
+        elif faster:
+            best = max(faster, key=lambda r: get(r, "psnr"))
+            verdict = "equal (within 0.1 dB)" if get(best, "psnr") >= py - 0.1 else "below"
+            lines.append(f"- {where}: **{verdict}** — the best duca row as fast or faster, {get(best, 'method')} "
+                         f"{get(best, 'knob')}, gives {get(best, 'psnr'):.2f} dB ({get(best, 'psnr') - py:+.2f} dB)")
+        else:
+            lines.append(f"- {where}: **below** — no duca row is as fast")
+    if not lines:
+        return ""
+    return f"\nWhere duca's rows stand against each peer point ({x_name} and PSNR, this run):\n\n" + "\n".join(lines) + "\n"
 
 
 def speed(args) -> None:
@@ -253,6 +313,10 @@ def replot(args) -> None:
     for name in ("fidelity", "fidelity_quick"):
         if (args.out / f"{name}.json").exists():
             plot_tradeoff(json.loads((args.out / f"{name}.json").read_text())["rows"], args.out / f"{name}.png")
+    for name in ("fidelity_heldout", "fidelity_heldout_quick"):
+        if (args.out / f"{name}.json").exists():
+            plot_tradeoff(json.loads((args.out / f"{name}.json").read_text())["rows"], args.out / f"{name}.png",
+                          x="flop_speedup", xlabel="FLOP speed-up vs uncached")
     for name in ("speed", "speed_quick"):
         if (args.out / f"{name}.json").exists():
             rows = [Row(**r) for r in json.loads((args.out / f"{name}.json").read_text())["rows"]]

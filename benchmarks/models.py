@@ -7,7 +7,8 @@ import pathlib
 
 import torch
 
-__all__ = ["DIT_CONFIG", "CHECKPOINTS", "make_dit", "load_dit", "Classifier", "load_classifier", "save"]
+__all__ = ["DIT_CONFIG", "CHECKPOINTS", "make_dit", "load_dit", "Classifier", "load_classifier", "save",
+           "calibration"]
 
 CHECKPOINTS = pathlib.Path(__file__).parent / "checkpoints"
 # DiT-XL/2's layout (adaLN-Zero, patch 2, 256 tokens) at a width a 2-core CPU trains in an hour.
@@ -68,3 +69,20 @@ def load_classifier() -> torch.nn.Module:
 
 def meta(name: str) -> dict:
     return json.loads((CHECKPOINTS / f"{name}.json").read_text())
+
+
+def calibration(model: torch.nn.Module, steps: int = 50, guidance: float = 1.5, refresh: bool = False):
+    """The trained DiT's MagCache ratios, kept next to its checkpoint: one uncached request of 8
+    samples (seed 123, not the benchmarks' seeds), DDIM ``steps``, guidance as given."""
+    from duca_compile import Calibration, calibrate
+
+    from .sampling import sample, starts
+
+    path = CHECKPOINTS / "dit_digits_calibration.json"
+    if path.exists() and not refresh:
+        return Calibration.load(path)
+    noise, labels = starts(8, seed=123)
+    found = calibrate(model, lambda: sample(lambda x, t, y: model(x, timestep=t, class_labels=y).sample,
+                                            noise, labels, steps, guidance))
+    found.save(path)
+    return found

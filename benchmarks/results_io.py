@@ -64,14 +64,25 @@ def plot_tradeoff(rows: list, path: pathlib.Path, x: str = "speedup", y: str = "
         if get(r, "method") != "uncached":
             groups.setdefault(get(r, "method"), []).append(r)
     colors = plt.get_cmap("tab20").colors
+    ours = []
     for i, (method, rs) in enumerate(groups.items()):
         peer = method.startswith(("cache-dit", "diffusers"))      # one setting each: a point, no knob
+        rs = sorted(rs, key=lambda r: get(r, x))                  # each method's own front, left to right
+        ours += [] if peer else rs
         ax.plot([get(r, x) for r in rs], [get(r, y) for r in rs], marker="s" if peer else "o",
-                ls="none" if peer else "-", color=colors[i % len(colors)], label=method)
+                ls="none" if peer else "-", color=colors[i % len(colors)], label=method, ms=7 if peer else 4)
         for r in rs if not peer else ():
             if get(r, "knob") not in ("preset", "-"):
                 ax.annotate(get(r, "knob").split(" ")[0].replace("N=", ""), (get(r, x), get(r, y)), fontsize=7,
                             xytext=(3, 3), textcoords="offset points")
+    front, best = [], float("-inf")          # duca's upper envelope: no duca row is both faster and better
+    for r in sorted(ours, key=lambda r: -get(r, x)):
+        if get(r, y) > best:
+            front.append(r)
+            best = get(r, y)
+    if front:
+        ax.plot([get(r, x) for r in front], [get(r, y) for r in front], color="black", ls="--", lw=1, alpha=0.6,
+                label="duca front (all methods)")
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)

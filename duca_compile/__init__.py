@@ -1,7 +1,9 @@
-"""duca-compile: DiT feature caching (DuCa, ToCa, FORA, TaylorSeer, ClusCa) as a torch.compile backend."""
+"""duca-compile: DiT feature caching (DuCa, ToCa, FORA, TaylorSeer, ClusCa, calibrated schedules) as a
+torch.compile backend."""
 from .backend import DuCaBackend, duca_backend
-from .policies import (CacheConfig, ClusCaConfig, DuCaConfig, FORAConfig, Mode, RatioSchedule, ScriptedConfig,
-                       TaylorSeerConfig, ToCaConfig)
+from .calibration import Calibration, calibrate
+from .policies import (CacheConfig, CalibratedConfig, ClusCaConfig, DuCaConfig, FORAConfig, Mode, RatioSchedule,
+                       ScriptedConfig, TaylorSeerConfig, ToCaConfig)
 from .dump import dump
 from .integrations.diffusers import disable, enable
 from .policies.presets import presets
@@ -9,7 +11,7 @@ from .report import explain, stats
 from .runtime import reset, sampling
 
 __all__ = ["duca_backend", "DuCaBackend", "CacheConfig", "DuCaConfig", "FORAConfig", "ToCaConfig",
-           "TaylorSeerConfig", "ClusCaConfig", "RatioSchedule", "ScriptedConfig", "Mode", "presets",
+           "TaylorSeerConfig", "ClusCaConfig", "CalibratedConfig", "Calibration", "calibrate", "RatioSchedule", "ScriptedConfig", "Mode", "presets",
            "stats", "explain", "reset", "sampling", "enable", "disable", "dump", "flops_report"]
 __version__ = "0.3.0"
 

@@ -27,8 +27,14 @@ def test_quick_fidelity_writes_tables_plots_and_the_sample_grid(tmp_path):
     assert rows[("uncached", "-")]["psnr"] == 100.0 and rows[("uncached", "-")]["flop_ratio"] == 1.0
     duca = [r for (m, _), r in rows.items() if m.startswith(("FORA", "ToCa", "DuCa", "TaylorSeer", "ClusCa"))]
     assert len(duca) == 6 and all(0 < r["flop_ratio"] < 1 and r["psnr"] < 100 for r in duca)
-    assert "| DuCa v1 (kv-norm) | N=3 |" in (tmp_path / "fidelity_quick.md").read_text()
+    calibrated = [r for (m, _), r in rows.items() if m == "Calibrated"]     # ratios resampled 50 -> 8 steps
+    assert len(calibrated) == 5 and all(0 < r["flop_ratio"] < 1 and r["psnr"] < 100 for r in calibrated)
+    text = (tmp_path / "fidelity_quick.md").read_text()
+    assert "| DuCa v1 (kv-norm) | N=3 |" in text and "Where duca's rows stand against each peer" in text
     assert (tmp_path / "fidelity_quick.png").stat().st_size > 1000
+    held = json.loads((tmp_path / "fidelity_heldout_quick.json").read_text())["rows"]
+    assert {r["method"] for r in held} == {"FORA", "Calibrated"} and all(0 < r["flop_ratio"] < 1 for r in held)
+    assert (tmp_path / "fidelity_heldout_quick.png").stat().st_size > 1000
     assert (tmp_path / "samples_quick.png").stat().st_size > 1000
 
 
@@ -109,3 +115,20 @@ def test_compile_cost_worker_measures_one_plain_regional_compile(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     out = json.loads(done.stdout.strip().splitlines()[-1])
     assert out["compile_s"] > 0 and out["misses"] >= 1 and out["variants"] is None
+
+
+def test_front_statement_calls_each_peer_point_above_equal_or_below():
+    from benchmarks.__main__ import _front_vs_peers
+
+    row = lambda m, psnr, speedup, flops=0.4: {"method": m, "knob": "k", "psnr": psnr, "speedup": speedup,  # noqa: E731
+                                               "flop_ratio": flops}
+    ours = [row("uncached", 100.0, 1.0, 1.0), row("FORA", 40.0, 2.0), row("TaylorSeer", 43.0, 2.5)]
+    lines = _front_vs_peers(ours + [row("diffusers A", 42.0, 1.7), row("diffusers B", 43.05, 2.4),
+                                    row("cache-dit C", 44.0, 2.0), row("diffusers D", 30.0, 3.0),
+                                    row("diffusers E", 99.0, 1.1, 1.0)]).splitlines()
+    said = {line.split(" (")[0].removeprefix("- "): line for line in lines if line.startswith("- ")}
+    assert "**above**" in said["diffusers A"] and "TaylorSeer k: 43.00 dB" in said["diffusers A"]
+    assert "**equal (within 0.1 dB)**" in said["diffusers B"]
+    assert "**below**" in said["cache-dit C"] and "-1.00 dB" in said["cache-dit C"]
+    assert "no duca row is as fast" in said["diffusers D"]
+    assert "never skipped" in said["diffusers E: never skipped a computation here"]

@@ -4,7 +4,7 @@ torchrun (gloo).
 ``context_parallel_worker.py`` runs each family in one process and split over the ranks, both
 with the same scripted FULL / REUSE / SKIP plan over 2 requests; then DuCa (kv-norm, staleness,
 spatial bonus; SUBSET steps) under CP against the eager oracle given the ranks' gathered tokens.
-This checks what it found. One torchrun for the module (~90 s on 2 cores).
+This checks what it found. One torchrun per session (~90 s on 2 cores), shared by the xdist workers.
 """
 import json
 import os
@@ -23,7 +23,19 @@ def found(tmp_path_factory):
 
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("this torch build has no torch.distributed with the gloo backend, which the 2 CPU ranks talk over")
-    out = tmp_path_factory.mktemp("cp") / "found.json"
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return _torchrun(tmp_path_factory.mktemp("cp") / "found.json")
+    # Under xdist each worker that gets a test of this module builds the fixture: the first runs
+    # torchrun, the others wait on the lock and read its file (the workers' temp dirs share a parent
+    # per session), so the 2 cores run one torchrun, not two side by side.
+    from filelock import FileLock
+
+    out = tmp_path_factory.getbasetemp().parent / "context_parallel_found.json"
+    with FileLock(f"{out}.lock"):
+        return json.loads(out.read_text()) if out.exists() else _torchrun(out)
+
+
+def _torchrun(out):
     worker = os.path.join(os.path.dirname(__file__), "context_parallel_worker.py")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",

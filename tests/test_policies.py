@@ -282,7 +282,8 @@ def _near(default):
 
 @settings(max_examples=500)
 @given(data=st.data(), config_type=st.sampled_from([FORAConfig, DuCaConfig, ToCaConfig, TaylorSeerConfig, ClusCaConfig,
-                                                     duca_compile.ScriptedConfig, RatioSchedule]))
+                                                     duca_compile.ScriptedConfig, duca_compile.CalibratedConfig,
+                                                     RatioSchedule]))
 def test_any_field_values_validate_or_raise_value_error(data, config_type):
     """Every config either validates or raises ValueError naming the field; a valid one is hashable
     (it keys the caching state), seeds a generator and plans every step without another error."""
@@ -293,8 +294,9 @@ def test_any_field_values_validate_or_raise_value_error(data, config_type):
     fields = {f.name: f.default for f in dataclasses.fields(config_type)}
     chosen = data.draw(st.lists(st.sampled_from(sorted(fields)), min_size=1, max_size=3, unique=True))
     kwargs = {name: data.draw(_near(fields[name]), label=name) for name in chosen}
+    required = {"mag_ratios": (1.0, 0.95, 0.9)} if config_type is duca_compile.CalibratedConfig else {}
     try:
-        config = config_type(**kwargs)
+        config = config_type(**{**required, **kwargs})
     except ValueError as e:
         assert any(name in str(e) for name in chosen), e
         return

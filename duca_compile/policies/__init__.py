@@ -1,5 +1,6 @@
 """Caching methods: one file each, a validated config dataclass and a registered policy."""
 from .base import POLICIES, CacheConfig, CachePolicy, Mode, StepPlan, make_policy, register_policy
+from .calibrated import CalibratedConfig, CalibratedPolicy
 from .clusca import ClusCaConfig, ClusCaPolicy
 from .duca import DuCaConfig, DuCaPolicy
 from .fora import FORAConfig, FORAPolicy
@@ -11,4 +12,4 @@ from .toca import ToCaConfig, ToCaPolicy
 __all__ = ["POLICIES", "CacheConfig", "CachePolicy", "Mode", "StepPlan", "make_policy", "register_policy",
            "RatioSchedule", "TokenConfig", "DuCaConfig", "DuCaPolicy", "FORAConfig", "FORAPolicy",
            "ScriptedConfig", "ScriptedPolicy", "ToCaConfig", "ToCaPolicy", "TaylorSeerConfig",
-           "TaylorSeerPolicy", "ClusCaConfig", "ClusCaPolicy"]
+           "TaylorSeerPolicy", "ClusCaConfig", "ClusCaPolicy", "CalibratedConfig", "CalibratedPolicy"]
