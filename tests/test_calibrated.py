@@ -55,9 +55,11 @@ def test_schedule_properties(ratios, threshold, max_skip, retention):
 
 def test_calibration_and_schedule_reproduce_diffusers_magcache_on_the_trained_dit():
     """The same ratios as diffusers' calibration mode (one request, CFG batched), and with them the
-    same samples as diffusers' MagCache hooks: the reused stack residual is the sum of the reused
-    branch outputs."""
+    same steps computed as diffusers' MagCache hooks decide at run time. The samples are close, not
+    equal: a duca R step applies the current step's adaLN gates to the cached branch outputs, where
+    MagCache adds the last computed residual as it was."""
     from benchmarks.fidelity import Setup, _duca, _peer
+    from benchmarks.metrics import psnr
     from benchmarks.models import load_dit
     from benchmarks.peers import MagCache, calibration_request
     from benchmarks.sampling import starts
@@ -67,16 +69,24 @@ def test_calibration_and_schedule_reproduce_diffusers_magcache_on_the_trained_di
     model = load_dit()
     noise, labels = starts(4, seed=5)
     ours = calibrate(model, lambda: calibration_request(lambda *a, **k: model(*a, **k), steps, cfg=True))
+    ran = []                                           # per model call: did block 1 run its attention?
+    hooks = [model.register_forward_pre_hook(lambda m, a: ran.append(False)),
+             model.transformer_blocks[1].attn1.register_forward_hook(lambda m, a, o: ran.__setitem__(-1, True))]
     peer = MagCache("diffusers MagCache", "diffusers", {}, threshold=0.04, max_skip=2, retention=0.2)
-    want, peer_flops, *_ = _peer(model, peer, setup, noise, labels)
+    try:
+        want, peer_flops, *_ = _peer(model, peer, setup, noise, labels)
+    finally:
+        for h in hooks:
+            h.remove()
     theirs = peer._run["mag_ratios"]
     assert len(ours.mag_ratios) == steps and ours.mag_ratios[0] == 1.0
     assert max(abs(a - b) for a, b in zip(ours.mag_ratios, theirs)) < 1e-5
+    full = calibrated_full_steps(ours.mag_ratios, steps, 0.04, 2, 0.2)
+    # calls: calibration, a FLOP-counted request, the timed one, then the plain FLOP count (all computed)
+    assert tuple(ran[-2 * steps:-steps]) == full and steps - sum(full) >= 3 and all(ran[-steps:])
     config = CalibratedConfig(mag_ratios=ours.mag_ratios, threshold=0.04, max_skip=2, retention=0.2)
-    reused = steps - sum(calibrated_full_steps(config.mag_ratios, steps, 0.04, 2, 0.2))
     got, flop_ratio, *_ = _duca(model, config, setup, noise, labels)
-    assert reused >= 3 and flop_ratio < 0.85 and abs(flop_ratio - peer_flops) < 0.02
-    assert (got - want).abs().max().item() < 1e-4
+    assert abs(flop_ratio - peer_flops) < 0.02 and psnr(got, want) > 30
 
 
 @pytest.mark.parametrize("family", FAMILIES)
