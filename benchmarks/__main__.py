@@ -47,6 +47,8 @@ def fidelity(args) -> None:
     from .metrics import features
     from .models import calibration, load_classifier, load_dit
 
+    if getattr(args, "only_heldout", False):
+        return _heldout(args)
     setup = dataclasses.replace(QUICK if args.quick else STANDARD, **{k: v for k, v in (
         ("samples", args.samples), ("steps", args.steps), ("guidance", args.guidance)) if v is not None})
     model, classifier = load_dit(), load_classifier()
@@ -74,14 +76,14 @@ def fidelity(args) -> None:
     keep = [k for k in drawn if k == "uncached" or "N=3" in k or "preset" in k or k in {p.name for p in peer_list[:4]}]
     sample_grid({k: drawn[k] for k in keep}, labels, args.out / f"samples{_suffix(args.quick)}.png")
     print(path.read_text())
-    _heldout(args, setup)
+    _heldout(args)
 
 
 HELDOUT_COLUMNS = {"method": ("method", "{}"), "knob": ("knob", "{}"), "PSNR (dB)": ("psnr", "{:.2f}"),
                    "FLOP ratio": ("flop_ratio", "{:.1%}"), "FLOP speed-up": ("flop_speedup", "{:.2f}x")}
 
 
-def _heldout(args, main_setup) -> None:
+def _heldout(args) -> None:
     """The front on a model the knobs were not picked on (``--quick``: the tiny size, 8 steps)."""
     from .fidelity import HELDOUT, heldout
     from .speed import _model
@@ -349,6 +351,7 @@ def main(argv=None) -> None:
             p.add_argument("--samples", type=int)
             p.add_argument("--steps", type=int)
             p.add_argument("--guidance", type=float)
+            p.add_argument("--only-heldout", action="store_true", help="only the held-out DiT-B-like front")
         if name in ("speed", "compile"):
             p.add_argument("--sizes", nargs="+", help="default: every size of --device")
             p.add_argument("--methods", nargs="+", help="presets to time (default: all)")
