@@ -14,7 +14,7 @@ import warnings
 
 import torch
 
-from .results_io import RESULTS, environment, markdown_table, plot_bars, plot_tradeoff, sample_grid, write
+from .results_io import RESULTS, environment, get, markdown_table, plot_bars, plot_tradeoff, sample_grid, write
 
 FIDELITY_COLUMNS = {"method": ("method", "{}"), "knob": ("knob", "{}"), "PSNR (dB)": ("psnr", "{:.2f}"),
                     "SSIM": ("ssim", "{:.4f}"), "class acc.": ("accuracy", "{:.1%}"), "FD to real": ("fd", "{:.2f}"),
@@ -124,7 +124,6 @@ PEER_LIBRARIES = ("cache-dit", "diffusers")
 def _front_vs_peers(rows, x: str = "speedup", x_name: str = "speed-up") -> str:
     """Per peer point: the duca rows at least as fast with at least its PSNR (above it), or the
     best PSNR duca has at its speed-up or faster (below it by so much)."""
-    get = lambda r, a: getattr(r, a) if dataclasses.is_dataclass(r) else r[a]      # noqa: E731
     ours = [r for r in rows if get(r, "method") != "uncached" and not get(r, "method").startswith(PEER_LIBRARIES)]
     lines = []
     for peer in (r for r in rows if get(r, "method").startswith(PEER_LIBRARIES)):

@@ -9,7 +9,7 @@ import platform
 
 import torch
 
-__all__ = ["RESULTS", "environment", "markdown_table", "write", "plot_tradeoff", "plot_bars", "sample_grid"]
+__all__ = ["RESULTS", "environment", "get", "markdown_table", "write", "plot_tradeoff", "plot_bars", "sample_grid"]
 
 RESULTS = pathlib.Path(__file__).parent / "results"
 
@@ -30,9 +30,13 @@ def environment(device: str = "cpu") -> dict:
     return env
 
 
+def get(row, attr):
+    """A row's field, whether the row is a dataclass or a dict read back from JSON."""
+    return getattr(row, attr) if dataclasses.is_dataclass(row) else row[attr]
+
+
 def markdown_table(rows: list, columns: dict) -> str:
     """``columns``: header -> (attribute, format). Rows are dataclasses or dicts."""
-    get = lambda r, a: getattr(r, a) if dataclasses.is_dataclass(r) else r[a]      # noqa: E731
     head = "| " + " | ".join(columns) + " |\n|" + "---|" * len(columns)
     body = ["| " + " | ".join(fmt.format(get(r, a)) if get(r, a) is not None else "–"
                               for a, fmt in columns.values()) + " |" for r in rows]
@@ -58,7 +62,6 @@ def plot_tradeoff(rows: list, path: pathlib.Path, x: str = "speedup", y: str = "
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 5))
-    get = lambda r, a: getattr(r, a) if dataclasses.is_dataclass(r) else r[a]      # noqa: E731
     groups: dict[str, list] = {}
     for r in rows:
         if get(r, "method") != "uncached":
@@ -106,7 +109,6 @@ def plot_bars(rows: list, path: pathlib.Path, label, series: dict, ylabel: str, 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    get = lambda r, a: getattr(r, a) if dataclasses.is_dataclass(r) else r[a]      # noqa: E731
     fig, ax = plt.subplots(figsize=(max(5.0, 0.7 * len(rows) + 2), 3.8))
     width = 0.8 / len(series)
     for j, (name, attr) in enumerate(series.items()):
