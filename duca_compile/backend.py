@@ -21,7 +21,7 @@ from . import owners
 from .passes import CacheLayout, build_variant, find_sites, probe_subsets
 from .passes.graph_paths import graph_fake_mode, source_name as _source_name, timestep_input
 from .passes.specialize_shapes import is_dynamic, specialize_shapes
-from .policies import CacheConfig, DuCaConfig, make_policy
+from .policies import CacheConfig, DuCaConfig, Mode, make_policy
 from .policies.base import MIN_SUBSET
 from .regional import BlockLookup, BlockRunner, block_graph_key
 from .runner import GraphRunner
@@ -110,8 +110,8 @@ class DuCaBackend:
             # before a graph break, the piece with the timestep tells the block pieces which step it is
             return TimestepClock(resolve, compiled, ts, sitemap.why_empty) if ts is not None else \
                 UncachedCall(resolve, compiled, sitemap.why_empty)
-        probe_subsets(gm, sitemap)
         policy = make_policy(settings.config)
+        probe_subsets(gm, sitemap, parallel_blocks=Mode.SUBSET in policy.modes() and policy.subsets_parallel_blocks)
         layout = CacheLayout.from_graph(gm, sitemap, orders=policy.taylor_orders, propagation=policy.propagation,
                                         value_norms=getattr(settings.config, "selection", "") == "kv-norm")
         fake_mode = graph_fake_mode(n.meta.get("example_value") for n in gm.graph.nodes) \

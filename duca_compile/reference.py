@@ -5,7 +5,9 @@ traced or rewritten, so it checks the compiled variants by a different mechanism
 computed in full and only the selected rows are kept — equal to computing those rows alone,
 because cross-attention queries and feed-forward layers act on each token independently.
 TaylorSeer terms are kept as a list per site and divided by the step distance; ClusCa
-propagation reads each representative's row from the full output.
+propagation reads each representative's row from the full output. A parallel block (Flux single
+blocks) keeps the attention channels of its branch module's input from the last computed step and,
+on SUBSET steps, runs the module on them next to the current token-wise channels.
 """
 from __future__ import annotations
 
@@ -55,13 +57,15 @@ class ReferenceCache:
     """Runs ``model`` eagerly under per-site actions, with per-slot caches.
 
     sites: branch module name -> kind; last_block: name of the block whose output leaves the stack.
-    orders / first_enhance: TaylorSeer terms (0 = plain reuse); propagation: ClusCa's gamma.
+    orders / first_enhance: TaylorSeer terms (0 = plain reuse); propagation: ClusCa's gamma;
+    halves: parallel-block site -> (start, stop) of the attention channels in its module's input.
     ``from_compiled`` takes the sites from ``explain()``.
     """
 
     def __init__(self, model: torch.nn.Module, sites: dict[str, str], last_block: str, orders: int = 0,
-                 first_enhance: int = 1, propagation: float | None = None):
+                 first_enhance: int = 1, propagation: float | None = None, halves: dict | None = None):
         self.model, self.sites, self.last_block = model, dict(sites), last_block
+        self.halves = dict(halves or {})
         self.orders, self.first_enhance, self.propagation = orders, first_enhance, propagation
         self.caches: dict[int, dict] = {}
         self._call: dict = {}
@@ -78,6 +82,8 @@ class ReferenceCache:
         kw.setdefault("first_enhance", st.policy.taylor_warmup)
         kw.setdefault("propagation", st.policy.propagation)
         graph = next(g for g in explain(compiled, as_text=False) if g["sites"])
+        kw.setdefault("halves", {s["name"]: tuple(s["attention_channels"]) for s in graph["sites"]
+                                 if "attention_channels" in s})
         return cls(model, {s["name"]: s["kind"] for s in graph["sites"]}, graph["blocks"][-1], **kw)
 
     def replay(self, compiled, **inputs):
@@ -100,13 +106,19 @@ class ReferenceCache:
             outs = _tuple(out)
             if terms is None:
                 terms = self.caches[c["slot"]][key] = [_Terms() for _ in outs]
-            action = c["actions"][name]
+            action, half = c["actions"][name], self.halves.get(name)
             if action == "compute":
                 for t, o in zip(terms, outs):
                     t.compute(o, c["step"], self.orders, self.first_enhance)
+                if half is not None:
+                    self.caches[c["slot"]][key + ("half",)] = args[0][..., half[0]:half[1]].clone()
                 return out
             if action != "reuse":               # SUBSET: the selected rows are fresh
                 fresh, idx, base = outs[0], c["indices"][name], terms[0].terms[0]
+                if half is not None:            # the attention channels as last computed
+                    x = args[0].clone()
+                    x[..., half[0]:half[1]] = self.caches[c["slot"]][key + ("half",)]
+                    fresh = module.forward(x)
                 rows = _rows(idx, fresh.shape[-1])
                 if self.propagation is not None:
                     rep_of_token = idx.gather(1, c["assign"][name])          # [batch, tokens]

@@ -86,6 +86,14 @@ def _plan(runner, num_steps: int | None) -> list[dict]:
     return steps
 
 
+def _site_entry(s) -> dict:
+    entry = {"name": s.name, "kind": s.kind, "outputs": len(s.outputs), "tokens": s.tokens,
+             "subset": s.subsettable or s.subset_reason}
+    if s.attention_half and s.subsettable:   # computed on k tokens beside its cached attention channels
+        entry["attention_channels"] = list(s.attention_channels)
+    return entry
+
+
 def explain(model, as_text: bool = True, num_steps: int | None = None):
     """Blocks and branch sites found in each graph, the ops of each variant built so far and, given
     ``num_steps`` (or after a request whose length is known), the plan of every step."""
@@ -95,8 +103,7 @@ def explain(model, as_text: bool = True, num_steps: int | None = None):
     for runner, _ in st.pieces.items():
         graphs.append({
             "blocks": list(runner.sitemap.blocks),
-            "sites": [{"name": s.name, "kind": s.kind, "outputs": len(s.outputs), "tokens": s.tokens,
-                       "subset": s.subsettable or s.subset_reason} for s in runner.sitemap.sites],
+            "sites": [_site_entry(s) for s in runner.sitemap.sites],
             "stack_outputs": list(runner.sitemap.stack_outputs),
             "variants": {_variant_name(k): count_ops(g) for k, g in runner.variant_graphs.items()},
             "plan": _plan(runner, num_steps),
@@ -118,6 +125,8 @@ def explain(model, as_text: bool = True, num_steps: int | None = None):
                          f"stack output {g['stack_outputs']}")
         for s in g["sites"]:
             sub = "subset ok" if s["subset"] is True else f"no subset: {s['subset']}"
+            if "attention_channels" in s:
+                sub += ", attention half cached (channels {}:{})".format(*s["attention_channels"])
             lines.append(f"  {s['name']:45s} {s['kind']:10s} tokens={s['tokens']} ({sub})")
         for name, ops in g["variants"].items():
             lines.append(f"  variant {name:20s} " + " ".join(f"{k}={v}" for k, v in ops.items()))
@@ -148,8 +157,7 @@ def _regional_entry(stack, num_steps: int | None) -> dict:
         "regional": True,
         "blocks": [b.name for b in stack.blocks],
         "graphs": [label[r] for r in runners],
-        "sites": [{"name": s.name, "kind": s.kind, "outputs": len(s.outputs), "tokens": s.tokens,
-                   "subset": s.subsettable or s.subset_reason} for s in stack.sites],
+        "sites": [_site_entry(s) for s in stack.sites],
         "stack_outputs": list(runners[-1].sitemap.stack_outputs) if runners else [],
         "variants": {f"graph {i}: {_variant_name(k)}": count_ops(g) for i, r in enumerate(runners)
                      if getattr(r, "leader", None) not in runners for k, g in r.variant_graphs.items()},

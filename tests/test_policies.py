@@ -10,6 +10,7 @@ import torch
 
 import duca_compile
 from duca_compile import ClusCaConfig, DuCaConfig, FORAConfig, Mode, RatioSchedule, TaylorSeerConfig, ToCaConfig
+from duca_compile.passes import Site
 from duca_compile.policies import StepPlan, make_policy
 
 
@@ -151,7 +152,6 @@ def test_opensora_cycles_compute_cross_attention_only_every_sixth_step():
 
 
 def _site(name, kind, tokens=256, layer=0):
-    from duca_compile.passes import Site
     return Site(name=name, block=name.rsplit(".", 1)[0], kind=kind, outputs=["x"], streams=["s"], tokens=[tokens],
                 subset_reason="" if kind != "self_attn" else "self-attention", layer=layer)
 
@@ -174,6 +174,24 @@ def test_ratio_schedule_keeps_k_within_the_tokens(ratio, ws, wl, wm, tau, down, 
     assert (ran == "reuse") == (k == 0)
     if k:                       # what runs: at least 2 tokens (one compile serves k >= 2), at most all
         assert min(2, tokens) <= ran <= tokens and (ran == k or ran == min(2, tokens))
+
+
+def test_flux_toca_ratio_is_the_official_stream_and_layer_schedule():
+    """ToCa-FLUX ``fresh_ratio_scheduler`` ('ToCa'): R·(1 + 0.5 − 2·0.5·j/27)·(0.4 double | 1.6 single),
+    j the block's index in its own stream (double 0–18, single 0–37), and ``cache_cutfresh`` takes
+    ``int(clamp(R_eff)·N)`` tokens (float32, as the official torch code): every site of FLUX.1-dev."""
+    policy = make_policy(duca_compile.presets("flux-dev", "toca"))
+    plan = StepPlan(Mode.SUBSET, 0.1)
+    for layer in range(57):
+        double = layer < 19
+        j = layer if double else layer - 19
+        block = f"transformer_blocks.{j}" if double else f"single_transformer_blocks.{j}"
+        for tokens in (4096, 512) if double else (4608,):            # image, text; single: text + image
+            site = Site(name=f"{block}.x", block=block, kind="ff" if double else "self_attn", outputs=["x"],
+                        streams=["s"], tokens=[tokens], layer=layer)
+            official = 0.1 * (1 + 0.5 - 2 * 0.5 * j / 27) * (1 - 0.6 if double else 1 + 0.6)
+            want = int(torch.clamp(torch.tensor(official), min=0, max=1) * tokens)
+            assert policy.site_k(site, 57, plan, 10, 50) == want, (block, tokens)
 
 
 def test_dit_ratio_schedule_never_subsets_attention_and_reuses_early_mlp():
@@ -242,6 +260,9 @@ def test_presets_list_and_reject_unknown_names():
     (lambda: ToCaConfig(forced_interval=5), "forced_interval"),
     (lambda: ToCaConfig(count_down="yes"), "count_down"),
     (lambda: DuCaConfig(step_types="per-block"), "step_types"),
+    (lambda: RatioSchedule(layer_span=-1), "layer_span"),
+    (lambda: RatioSchedule(list_factors=(("single_transformer_blocks", "1.6"),)), "list_factors"),
+    (lambda: RatioSchedule(list_factors=("transformer_blocks",)), "list_factors"),
 ])
 def test_bad_method_config_raises_value_error_naming_the_field(bad, field):
     with pytest.raises(ValueError, match=field):

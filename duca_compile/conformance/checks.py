@@ -141,7 +141,10 @@ def _scripted(report: Report, family: str, model, exp: Expected) -> None:
         name = _variant_name(key)
         ops = [n for n in gm.graph.nodes if n.op in ("call_function", "call_method")]
         if name.startswith("SUBSET"):
-            report.operands_gathered = count_ops(gm)["gather"] - sum(a == "subset" for _, a in key[1])
+            # one gather per subset site (its tokens), and one more per parallel block (its cached attention rows)
+            halves = {s["name"] for s in graph["sites"] if "attention_channels" in s}
+            report.operands_gathered = count_ops(gm)["gather"] - sum((1 + (n in halves)) * (a == "subset")
+                                                                     for n, a in key[1])
         # ops on the latent only: DiT's final layer reads block 0's label embedding, Mochi's attention
         # prepares its text mask (and Dynamo asserts its sizes) whatever the step
         elif name == "SKIP":

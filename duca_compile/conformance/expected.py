@@ -14,7 +14,9 @@ __all__ = ["Expected", "EXPECTED"]
 class Expected:
     """sites: block stack -> {child: kind} every block must yield (a child the block lacks, as SD3's
     last ``ff_context``, is not expected); empty: the family cannot be cached and must say why and
-    run plainly. not_subset: regexes of token-wise sites SUBSET still reuses; image_tokens: video
+    run plainly. not_subset: regexes of token-wise sites SUBSET still reuses; parallel: regexes of
+    self-attention sites that are parallel blocks (attention ∥ MLP into one projection: SUBSET runs
+    the MLP half on k tokens beside cached attention rows); image_tokens: video
     latent tokens (frames × patches); gathers: a SUBSET branch reads a token-aligned operand (rotary
     table, per-token modulation) that is gathered with the tokens; other: a family beyond the
     twelve the suite was written for (the README's second table)."""
@@ -22,6 +24,7 @@ class Expected:
     sites: dict
     fullgraph: bool = True
     not_subset: tuple = ()
+    parallel: tuple = ()
     image_tokens: int | None = None
     gathers: bool = False
     notes: str = ""
@@ -31,6 +34,7 @@ class Expected:
 _ATTN_FF = {"attn1": "self_attn", "ff": "ff"}
 _CROSS = {"attn1": "self_attn", "attn2": "cross_attn", "ff": "ff"}
 _JOINT = {"attn": "self_attn", "ff": "ff", "ff_context": "ff"}
+_SINGLE = r"^single_transformer_blocks\.\d+\.proj_out$"
 
 EXPECTED: dict[str, Expected] = {
     "dit": Expected({"transformer_blocks": _ATTN_FF}),
@@ -40,9 +44,11 @@ EXPECTED: dict[str, Expected] = {
     "sd3": Expected({"transformer_blocks": _JOINT},
                     notes="joint attention: one site, image and text outputs; last block is context-pre-only"),
     "flux": Expected({"transformer_blocks": _JOINT, "single_transformer_blocks": {"proj_out": "self_attn"}},
-                     notes="single blocks: attention and MLP in parallel, one site"),
+                     parallel=(_SINGLE,), notes="single blocks: attention and MLP in parallel, one site; SUBSET "
+                                                "runs the MLP half on k tokens beside cached attention rows"),
     "hunyuan-video": Expected({"transformer_blocks": _JOINT, "single_transformer_blocks": {"proj_out": "self_attn"}},
-                              image_tokens=32, notes="the text token refiner never sees the latent: not cached"),
+                              image_tokens=32, parallel=(_SINGLE,),
+                              notes="the text token refiner never sees the latent: not cached"),
     "wan": Expected({"blocks": {"attn1": "self_attn", "attn2": "cross_attn", "ffn": "ff"}}, image_tokens=32,
                     notes="residual adds read `hidden.float()`; RoPE written slice by slice (setitem)"),
     "cogvideox": Expected({"transformer_blocks": {"attn1": "self_attn", "ff": "ff"}}, image_tokens=32,
@@ -69,7 +75,7 @@ EXPECTED.update({name: Expected(other=True, **kw) for name, kw in {
                             "single_transformer_blocks": {"attn": "self_attn", "ff": "ff"}},
                      notes="the FF is added to the block input but reads `norm2(input + attention)`: its "
                            "input is the attention's residual add"),
-    "chroma": dict(sites=_FLUX_LIKE, notes="Flux blocks, joint text + image mask"),
+    "chroma": dict(sites=_FLUX_LIKE, parallel=(_SINGLE,), notes="Flux blocks, joint text + image mask"),
     "flux2": dict(sites={"transformer_blocks": _JOINT, "single_transformer_blocks": {"attn": "self_attn"}},
                   notes="single blocks fuse attention and MLP in one `attn` module"),
     "cogview3plus": dict(sites={"transformer_blocks": _ATTN_FF}, notes="one FF over text + image tokens"),

@@ -47,6 +47,9 @@ class Site:
     layer: int = 0           # index of ``block`` in the stack, in graph order
     subset_input: str = ""   # node gathered on SUBSET steps: the stream, or the branch module's input
     #                          when the stream has other tokens (CogVideoX's FF runs on text + video)
+    attention_half: str = ""   # a parallel block's attention output (Flux single blocks): cached on
+    #                            FULL, its rows read back on SUBSET while the token-wise half computes
+    attention_channels: tuple = ()   # (start, stop) of that half in the branch module's input
 
     @property
     def subsettable(self) -> bool:
@@ -283,11 +286,14 @@ def _find_sites(gm: fx.GraphModule) -> SiteMap:
 
 def _subset_input(site: Site, nodes: dict[str, fx.Node], where: _Where) -> tuple[str, str]:
     """(why SUBSET cannot compute this site token-wise or "", the node to gather the tokens from)."""
-    if site.kind == "self_attn":
-        return "self-attention mixes all tokens; it is reused on SUBSET steps", ""
     if len(site.outputs) != 1:
-        return "branch has several outputs", ""
+        return "branch has several outputs" if site.kind != "self_attn" else _SELF_ATTENTION, ""
     raw, stream = nodes[site.outputs[0]], nodes[site.streams[0]]
+    if site.kind == "self_attn":
+        half = _attention_half(raw, stream, where)
+        if half is None:
+            return _SELF_ATTENTION, ""
+        site.attention_half, site.attention_channels = half[0].name, half[1]
     if not reaches(raw, stream):
         return "the branch does not read the residual stream it is added to", ""
     tokens = token_count(raw)
@@ -296,12 +302,46 @@ def _subset_input(site: Site, nodes: dict[str, fx.Node], where: _Where) -> tuple
     source = stream
     if token_count(stream) != tokens:
         # the branch module's own input may carry the output's tokens (CogVideoX: text + video)
-        region = branch_region(raw, stream)
-        entries = [n for n in region if where.child.get(n) != where.child[raw]
-                   and any(where.child.get(u) == where.child[raw] for u in n.users)]
-        if len(entries) != 1 or token_count(entries[0]) != tokens:
+        entries = _module_entries(raw, stream, where)
+        if len(entries) != 1 or token_count(entries[0]) != tokens or site.attention_half:
             return "branch input and output are not [batch, tokens, channels] with the same token count", ""
         source = entries[0]
     if any(n.op == "call_function" and n.target in _CONV_TARGETS for n in branch_region(raw, source)):
         return "the branch convolves neighbouring tokens", ""
     return "", source.name
+
+
+_SELF_ATTENTION = "self-attention mixes all tokens; it is reused on SUBSET steps"
+_CAT_TARGETS = {torch.cat, torch.concat, torch.ops.aten.cat.default}
+
+
+def _module_entries(raw: fx.Node, stream: fx.Node, where: _Where) -> list[fx.Node]:
+    """Nodes of the branch outside its module that the module reads (the module's inputs)."""
+    return [n for n in branch_region(raw, stream) if where.child.get(n) != where.child[raw]
+            and any(where.child.get(u) == where.child[raw] for u in n.users)]
+
+
+def _attention_half(raw: fx.Node, stream: fx.Node, where: _Where) -> tuple[fx.Node, tuple[int, int]] | None:
+    """A parallel block (Flux's single blocks: attention and MLP from one input, merged by one
+    ``proj_out``) reads ``cat([attention, mlp], -1)`` into its branch module. Then (the attention
+    part, its channel range): every SDPA of the branch is behind it, none behind the other parts,
+    which are token-wise, so SUBSET can run them on k tokens next to cached attention rows."""
+    entries = _module_entries(raw, stream, where)
+    if len(entries) != 1 or entries[0].target not in _CAT_TARGETS or entries[0].op != "call_function":
+        return None
+    cat = entries[0]
+    parts = cat.args[0] if cat.args else cat.kwargs.get("tensors")
+    dim = cat.args[1] if len(cat.args) > 1 else cat.kwargs.get("dim", 0)
+    values = [p.meta.get("example_value") if isinstance(p, fx.Node) else None for p in parts or ()]
+    if not values or any(not isinstance(v, torch.Tensor) or v.ndim != 3 for v in values) or dim not in (-1, 2):
+        return None
+    region = set(branch_region(raw, stream))
+    attention = {n for n in region if is_sdpa(n)}
+    mixing = [i for i, p in enumerate(parts) if reaches(p, attention, within=region)]
+    if not attention or len(mixing) != 1:
+        return None
+    half = parts[mixing[0]]
+    if not all(reaches(half, {a}, within=region) for a in attention) or token_count(half) != token_count(raw):
+        return None
+    start = sum(int(v.shape[-1]) for v in values[:mixing[0]])
+    return half, (start, start + int(values[mixing[0]].shape[-1]))

@@ -10,7 +10,8 @@ import torch.fx as fx
 from .find_sites import SiteMap
 from .graph_paths import ancestors_in_block, is_collective, is_sdpa
 
-__all__ = ["ValueNorm", "vnorm_key", "Action", "CacheSpec", "InputSpec", "CacheLayout", "VariantContext", "order_key"]
+__all__ = ["ValueNorm", "vnorm_key", "Action", "CacheSpec", "InputSpec", "CacheLayout", "VariantContext", "order_key",
+           "half_key"]
 
 # Per-site action of one variant: compute (and write the cache), reuse the cache, or compute k tokens.
 Action = Union[str, int]
@@ -21,9 +22,14 @@ def order_key(site: str, output: int, order: int = 0) -> str:
     return f"{site}:{output}" if order == 0 else f"{site}:{output}:d{order}"
 
 
+def half_key(site: str) -> str:
+    """Cache key of a parallel block's attention half (``Site.attention_half``)."""
+    return f"{site}:attention-half"
+
+
 @dataclass(frozen=True)
 class CacheSpec:
-    key: str              # order_key(...), "stack:<index>" or vnorm_key(block, tokens)
+    key: str              # order_key(...), half_key(site), "stack:<index>" or vnorm_key(block, tokens)
     placeholder: str
     shape: tuple
     dtype: torch.dtype
@@ -92,6 +98,9 @@ class CacheLayout:
                 batch = int(val.shape[0])
                 for m in range(orders + 1):
                     spec(order_key(site.name, i, m), val.shape, val.dtype, val.device)
+            if site.attention_half and site.subsettable:
+                val = nodes[site.attention_half].meta["example_value"]
+                spec(half_key(site.name), val.shape, val.dtype, val.device)
         for i, name in enumerate(sitemap.stack_outputs):
             val = nodes[name].meta["example_value"]
             spec(f"stack:{i}", val.shape, val.dtype, val.device)

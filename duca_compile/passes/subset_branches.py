@@ -2,7 +2,8 @@
 
 The branch region is every node between the branch's input (the residual stream, or the branch
 module's own input when that carries other tokens) and the raw output; ``token_copy`` copies it
-onto the selected tokens. The raw output's users then read the cache after an in-place
+onto the selected tokens. A parallel block's attention half is not copied: its k rows are read
+from the cache FULL wrote, next to the freshly computed token-wise half. The raw output's users then read the cache after an in-place
 ``scatter_`` of the k fresh rows. With ClusCa propagation every cached row first moves towards
 its cluster representative's fresh row; with Taylor orders the users read the forecast built on
 the updated order-0 term.
@@ -14,7 +15,7 @@ import torch.fx as fx
 
 from .find_sites import SiteMap
 from .graph_paths import graph_fake_mode
-from .layout import VariantContext, order_key
+from .layout import VariantContext, half_key, order_key
 from .taylor_terms import forecast
 from .token_copy import copy_on_tokens, emit, example_value
 
@@ -38,8 +39,9 @@ def subset_branches(ctx: VariantContext) -> None:
         idx = ctx.input_nodes[("index", site.name)]
         cache = ctx.cache_nodes[order_key(site.name, 0)]
         out_ch = raw.meta["example_value"].shape[-1]
+        halves = {nodes[site.attention_half]: ctx.cache_nodes[half_key(site.name)]} if site.attention_half else {}
         with graph.inserting_before(raw.next):
-            fresh, env = copy_on_tokens(graph, raw, source, idx)
+            fresh, env = copy_on_tokens(graph, raw, source, idx, halves)
             scatter_idx = _expanded_index(graph, idx, out_ch)
             if gamma is None:
                 updated = graph.call_function(aten.scatter_.src, (cache, 1, scatter_idx, fresh))
@@ -56,28 +58,40 @@ def subset_branches(ctx: VariantContext) -> None:
                                   and u is not updated and u is not result)
 
 
-def probe_subsets(gm: fx.GraphModule, sitemap: SiteMap) -> None:
+def probe_subsets(gm: fx.GraphModule, sitemap: SiteMap, parallel_blocks: bool = True) -> None:
     """Try each token-wise site's SUBSET copy on fake values; a site whose branch cannot run on k
-    tokens (a reshape by the token count, an operand that cannot be gathered) is marked reused."""
+    tokens (a reshape by the token count, an operand that cannot be gathered) is marked reused.
+    ``parallel_blocks=False`` (a method that never runs them on k tokens) marks every parallel block
+    reused, so that no attention half is cached for nothing."""
     from .clone_graph import clone_graph
 
     scratch = clone_graph(gm)
     graph = scratch.graph
     nodes = {n.name: n for n in graph.nodes}
     anchor = next(n for n in graph.nodes if n.op != "placeholder")
+
+    def placeholder(like: torch.Tensor, shape, dtype) -> fx.Node:
+        with graph.inserting_before(anchor):
+            node = graph.placeholder(f"probe_{len(graph.nodes)}")
+        with graph_fake_mode([like]):
+            # on the graph's device: a CPU index against CUDA (or meta) values fails every probe
+            node.meta["example_value"] = torch.empty(shape, dtype=dtype, device=like.device)
+        return node
+
     for site in sitemap.sites:
+        if site.subsettable and site.attention_half and not parallel_blocks:
+            site.subset_reason = "this method reuses a parallel block (attention and MLP in one projection) whole"
         if not site.subsettable:
             continue
         raw, source = nodes[site.outputs[0]], nodes[site.subset_input]
-        tokens, batch = site.tokens[0], int(example_value(raw).shape[0])
-        with graph.inserting_before(anchor):
-            idx = graph.placeholder(f"probe_{len(graph.nodes)}")
-        with graph_fake_mode([example_value(raw)]):
-            # on the graph's device: a CPU index against CUDA (or meta) values fails every probe
-            idx.meta["example_value"] = torch.empty(batch, max(tokens // 2, 1), dtype=torch.int64,
-                                                    device=example_value(raw).device)
+        tokens, value = site.tokens[0], example_value(raw)
+        idx = placeholder(value, (int(value.shape[0]), max(tokens // 2, 1)), torch.int64)
+        halves = {}
+        if site.attention_half:
+            half = example_value(nodes[site.attention_half])
+            halves[nodes[site.attention_half]] = placeholder(half, half.shape, half.dtype)
         try:
             with graph.inserting_before(raw.next):
-                copy_on_tokens(graph, raw, source, idx)
+                copy_on_tokens(graph, raw, source, idx, halves)
         except Exception as e:  # noqa: BLE001 - any failure means "not token-wise here"
             site.subset_reason = f"the branch does not run on a subset of tokens ({type(e).__name__}: {e})"[:200]

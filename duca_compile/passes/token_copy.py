@@ -280,11 +280,28 @@ class _TokenCopy:
                 self.merged[orig] = self.merged[query]
 
 
-def copy_on_tokens(graph: fx.Graph, raw: fx.Node, source: fx.Node, idx: fx.Node) -> tuple[fx.Node, dict]:
-    """Copy the region ``source -> raw`` onto the tokens ``idx`` selects; (fresh rows, node map)."""
+def copy_on_tokens(graph: fx.Graph, raw: fx.Node, source: fx.Node, idx: fx.Node,
+                   cached: dict[fx.Node, fx.Node] | None = None) -> tuple[fx.Node, dict]:
+    """Copy the region ``source -> raw`` onto the tokens ``idx`` selects; (fresh rows, node map).
+    ``cached`` maps region nodes (a parallel block's attention half) to caches of their value: their
+    rows are gathered from the cache, and what only they needed is not copied."""
     copier = _TokenCopy(graph, source, idx)
-    env = copier.copy(branch_region(raw, source))
+    for node, cache in (cached or {}).items():
+        copier.env[node] = copier.gather(cache, 1)
+    env = copier.copy(_needed(branch_region(raw, source), raw, set(cached or ())))
     want = [copier.batch, copier.k, *example_value(raw).shape[2:]]
     if list(example_value(env[raw]).shape) != want:
         raise ValueError(f"the copy on k tokens gives {tuple(example_value(env[raw]).shape)}, not {tuple(want)}")
     return env[raw], env
+
+
+def _needed(region: list[fx.Node], raw: fx.Node, cached: set) -> list[fx.Node]:
+    """The nodes of ``region`` that ``raw`` reads other than through ``cached`` nodes."""
+    inside, keep, todo = set(region), set(), [raw]
+    while todo:
+        n = todo.pop()
+        if n in keep or n in cached or n not in inside:
+            continue
+        keep.add(n)
+        todo.extend(n.all_input_nodes)
+    return [n for n in region if n in keep]

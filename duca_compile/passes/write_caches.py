@@ -4,13 +4,14 @@ only to refresh their caches) write theirs.
 
 ``aten.copy_`` into a graph input is functionalized by AOTAutograd and becomes an in-place store
 Inductor fuses into the producing kernel; the output's users keep reading the fresh value. With
-Taylor orders a computed site also refreshes its finite differences.
+Taylor orders a computed site also refreshes its finite differences; a parallel block that runs on
+k tokens on SUBSET steps also writes its attention half.
 """
 from __future__ import annotations
 
 import torch
 
-from .layout import VariantContext
+from .layout import VariantContext, half_key
 from .taylor_terms import write_differences
 
 __all__ = ["write_caches"]
@@ -27,3 +28,7 @@ def write_caches(ctx: VariantContext) -> None:
         for i, name in enumerate(site.outputs):
             with graph.inserting_before(nodes[name].next):
                 write_differences(ctx, site.name, i, nodes[name])
+        if half_key(site.name) in ctx.cache_nodes:      # a parallel block's attention half, for SUBSET steps
+            half = nodes[site.attention_half]
+            with graph.inserting_before(half.next):
+                graph.call_function(torch.ops.aten.copy_.default, (ctx.cache_nodes[half_key(site.name)], half))

@@ -111,10 +111,12 @@ class CachePolicy:
     Policies that also need run-time state say so through these class attributes, read by the
     runner: ``taylor_orders`` (finite differences kept per branch, 0 = plain reuse),
     ``taylor_warmup`` (no differences are taken at steps ``<= taylor_warmup − 2``: each starts afresh),
-    ``propagation`` (ClusCa's gamma, None = no cluster propagation).
+    ``propagation`` (ClusCa's gamma, None = no cluster propagation), ``subsets_parallel_blocks``
+    (SUBSET steps run a parallel block's token-wise half on k tokens, ToCa-FLUX's single blocks).
     """
 
     taylor_orders: int = 0
+    subsets_parallel_blocks: bool = True
     taylor_warmup: int = 1
     propagation: float | None = None
     needs_num_steps: bool = False

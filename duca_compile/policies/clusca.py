@@ -50,6 +50,8 @@ class ClusCaConfig(CacheConfig):
 
 @register_policy(ClusCaConfig)
 class ClusCaPolicy(CachePolicy):
+    subsets_parallel_blocks = False     # official FLUX: single-stream blocks are pure Taylor forecasts
+
     def __init__(self, config):
         super().__init__(config)
         self.taylor_orders, self.taylor_warmup = config.max_order, config.first_enhance

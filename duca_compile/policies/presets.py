@@ -33,6 +33,9 @@ MODELS = {
 _DIT_STEPS = dict(count_down=True, interval_weight=0.4, forced_interval=((0.2, 0.4, 2),), step_types="per-layer")
 _DIT_RATIO = RatioSchedule(step_weight=2.0, layer_weight=-0.2, module_weight=2.5, module_tau=0.6, count_down=True)
 _PIXART_RATIO = RatioSchedule(step_weight=0.9, layer_weight=0.6, module_weight=1.0, module_tau=0.6)
+# ToCa-FLUX fresh_ratio_scheduler 'ToCa': stream factor 0.4 / 1.6, layer factor with current['layer'] / 27
+_FLUX_RATIO = RatioSchedule(layer_weight=0.5, layer_span=27, layers_per_list=True,
+                            list_factors=(("transformer_blocks", 0.4), ("single_transformer_blocks", 1.6)))
 _OPENSORA_CYCLES = (("self_attn", "FCA"), ("ff", "FCA"), ("cross_attn", "FCACCA"))
 
 
@@ -79,8 +82,9 @@ PRESETS = {
     ("pixart-alpha", "duca-v1"): (lambda: _pixart_duca("kv-norm"), "as 'duca' with kv-norm scores"),
     ("flux-dev", "fora"): (lambda: FORAConfig(interval=3), "FORA N=3, as compared in TaylorSeer's FLUX table"),
     ("flux-dev", "toca"): (lambda: ToCaConfig(interval=4, ratio=0.1, soft_fresh_weight=0.25, warmup=3,
-                                              ratio_schedule=RatioSchedule(layer_weight=0.5)),
-                           "ToCa-FLUX cache_init: N=4, R=0.1, λ3=0.25, first 3 steps full"),
+                                              ratio_schedule=_FLUX_RATIO),
+                           "ToCa-FLUX cache_init: N=4, R=0.1, λ3=0.25, first 3 steps full; ratio ×0.4 double, "
+                           "×1.6 single blocks, layer factor over each list's index / 27"),
     ("flux-dev", "taylorseer"): (lambda: TaylorSeerConfig(interval=6, max_order=1, first_enhance=3),
                                  "TaylorSeer-FLUX code: N=6, O=1"),
     ("flux-dev", "clusca"): (lambda: ClusCaConfig(interval=5, clusters=16, propagation=0.005, max_order=1,

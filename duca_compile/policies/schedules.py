@@ -26,9 +26,12 @@ def official_step(step: int, num_steps: int | None, count_down: bool) -> int:
 
 @dataclass(frozen=True)
 class RatioSchedule:
-    """ToCa's ratio schedule ``R_eff = clamp(R · f_step · f_layer · f_module, 0, 1)``:
-    ``f_step = 1 + w_s − 2·w_s·x/T`` (x the official step index), ``f_layer = 1 + w_l − 2·w_l·l/(L−1)``,
-    ``f_module = 1 − (1−τ)·w_m`` for attention and ``1 + τ·w_m`` for the feed-forward.
+    """ToCa's ratio schedule ``R_eff = clamp(R · f_step · f_layer · f_module · f_list, 0, 1)``:
+    ``f_step = 1 + w_s − 2·w_s·x/T`` (x the official step index), ``f_layer = 1 + w_l − 2·w_l·l/S``
+    (S = ``layer_span``, or L−1), ``f_module = 1 − (1−τ)·w_m`` for attention and ``1 + τ·w_m`` for
+    the feed-forward, ``f_list`` the factor of the site's block list in ``list_factors``.
+    ``layers_per_list``: ``l`` counts within each block list (``transformer_blocks.i``,
+    ``single_transformer_blocks.j``), as ToCa-FLUX's ``current['layer']`` does, instead of over the stack.
     A factor that reaches 0 means the site is reused, never partially computed."""
 
     step_weight: float = 0.0
@@ -36,21 +39,38 @@ class RatioSchedule:
     module_weight: float = 0.0
     module_tau: float = 0.5
     count_down: bool = False
+    layer_span: int = 0
+    layers_per_list: bool = False
+    list_factors: tuple = ()
 
     def __post_init__(self):
         for name in ("step_weight", "layer_weight", "module_weight"):
             check_number("RatioSchedule", name, getattr(self, name))
         check_unit("RatioSchedule", "module_tau", self.module_tau)
         check_bool("RatioSchedule", "count_down", self.count_down)
+        check_int("RatioSchedule", "layer_span", self.layer_span, 0)
+        check_bool("RatioSchedule", "layers_per_list", self.layers_per_list)
+        factors = self.list_factors
+        if not isinstance(factors, (tuple, list)) or not all(
+                isinstance(f, (tuple, list)) and len(f) == 2 and isinstance(f[0], str)
+                and isinstance(f[1], (int, float)) and not isinstance(f[1], bool) and math.isfinite(f[1])
+                for f in factors):
+            raise ValueError("RatioSchedule.list_factors must be ((block list name, factor), ...), e.g. "
+                             f"(('transformer_blocks', 0.4), ('single_transformer_blocks', 1.6)), got {factors!r}")
+        object.__setattr__(self, "list_factors", tuple((str(n), float(f)) for n, f in factors))
 
-    def factor(self, kind: str, layer: int, layers: int, step: int, num_steps: int | None) -> float:
+    def factor(self, site, layers: int, step: int, num_steps: int | None) -> float:
+        """The product of the factors for ``site`` (its ``kind``, ``layer`` and ``block``) at ``step``."""
         f = 1.0
         if self.step_weight:
             x = official_step(step, num_steps, self.count_down)
             f *= 1 + self.step_weight - 2 * self.step_weight * x / num_steps
-        f *= 1 + self.layer_weight - 2 * self.layer_weight * layer / max(layers - 1, 1)
+        block_list, _, index = site.block.rpartition(".")
+        layer = int(index) if self.layers_per_list and index.isdigit() else site.layer
+        f *= 1 + self.layer_weight - 2 * self.layer_weight * layer / (self.layer_span or max(layers - 1, 1))
+        f *= dict(self.list_factors).get(block_list, 1.0)
         w, tau = self.module_weight, self.module_tau
-        return f * (1 + tau * w if kind == "ff" else 1 - (1 - tau) * w)
+        return f * (1 + tau * w if site.kind == "ff" else 1 - (1 - tau) * w)
 
 
 def cycle_residues(num_steps: int | None, step: int, interval: int, weight: float, count_down: bool,
@@ -200,7 +220,7 @@ class TokenConfig(CacheConfig):
     def site_k(self, site, layers: int, plan: StepPlan, step: int, num_steps: int | None) -> int:
         ratio = plan.ratio
         if self.ratio_schedule is not None:
-            f = self.ratio_schedule.factor(site.kind, site.layer, layers, step, num_steps)
+            f = self.ratio_schedule.factor(site, layers, step, num_steps)
             ratio = min(max(ratio * f, 0.0), 1.0)
         if ratio <= 0:
             return 0                              # a factor that reaches 0: the site is reused
