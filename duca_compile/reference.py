@@ -58,14 +58,16 @@ class ReferenceCache:
 
     sites: branch module name -> kind; last_block: name of the block whose output leaves the stack.
     orders / first_enhance: TaylorSeer terms (0 = plain reuse); propagation: ClusCa's gamma;
-    halves: parallel-block site -> (start, stop) of the attention channels in its module's input.
+    halves: parallel-block site -> (start, stop) of the attention channels in its module's input;
+    plain_sites: SUBSET sites scattered without propagation.
     ``from_compiled`` takes the sites from ``explain()``.
     """
 
     def __init__(self, model: torch.nn.Module, sites: dict[str, str], last_block: str, orders: int = 0,
-                 first_enhance: int = 1, propagation: float | None = None, halves: dict | None = None):
+                 first_enhance: int = 1, propagation: float | None = None, halves: dict | None = None,
+                 plain_sites=()):
         self.model, self.sites, self.last_block = model, dict(sites), last_block
-        self.halves = dict(halves or {})
+        self.halves, self.plain_sites = dict(halves or {}), set(plain_sites)
         self.orders, self.first_enhance, self.propagation = orders, first_enhance, propagation
         self.caches: dict[int, dict] = {}
         self._call: dict = {}
@@ -84,6 +86,7 @@ class ReferenceCache:
         graph = next(g for g in explain(compiled, as_text=False) if g["sites"])
         kw.setdefault("halves", {s["name"]: tuple(s["attention_channels"]) for s in graph["sites"]
                                  if "attention_channels" in s})
+        kw.setdefault("plain_sites", {s["name"] for s in graph["sites"] if not st.policy.propagates(s["latent"])})
         return cls(model, {s["name"]: s["kind"] for s in graph["sites"]}, graph["blocks"][-1], **kw)
 
     def replay(self, compiled, **inputs):
@@ -120,7 +123,7 @@ class ReferenceCache:
                     x[..., half[0]:half[1]] = self.caches[c["slot"]][key + ("half",)]
                     fresh = module.forward(x)
                 rows = _rows(idx, fresh.shape[-1])
-                if self.propagation is not None:
+                if self.propagation is not None and name not in self.plain_sites:
                     rep_of_token = idx.gather(1, c["assign"][name])          # [batch, tokens]
                     rep = fresh.gather(1, _rows(rep_of_token, fresh.shape[-1]))
                     base = self.propagation * rep + (1 - self.propagation) * base

@@ -22,7 +22,6 @@ import weakref
 import torch
 
 from . import owners
-from .passes import order_key
 from .passes.graph_paths import ONE_BLOCK, TIMESTEP_NAMES
 from .passes.find_sites import Site
 from .policies import Mode, StepPlan
@@ -293,11 +292,9 @@ class BlockRunner(GraphRunner):
         return out
 
     def _cluster_stack(self, st, stack: BlockStack, slot) -> bool:
-        """ClusCa's clusters, once per FULL model call, from the last block's output (or the last
-        block's feed-forward with that token count), shared by every block."""
+        """ClusCa's clusters, once per FULL model call, from the caches of the block that ran each
+        token count's last token-wise site (see ``GraphRunner.cluster_into``), shared by every block."""
         outputs = [slot.by_key[f"stack:{i}"] for i in range(len(self.sitemap.stack_outputs))]
-        def cache_of(site):
-            b = stack.current[site.layer]
-            local = next(k for k, v in b.names.items() if v == site.name)
-            return b.piece.slots[st.slot].by_key[order_key(local, 0)]
-        return self.cluster_into(st, slot.clusters, outputs, stack.sites, cache_of)
+        caches = lambda site: stack.current[site.layer].piece.slots[st.slot].by_key    # noqa: E731
+        local = lambda site: next(k for k, v in stack.current[site.layer].names.items() if v == site.name)  # noqa: E731
+        return self.cluster_into(st, slot.clusters, outputs, stack.sites, caches, local)

@@ -103,11 +103,22 @@ def run_family(name: str) -> dict:
     # (the ring shim stays for the rest of the run: later families are Ulysses, which never asks for the LSE)
 
 
-def _global_positions(local: torch.Tensor, tokens: int, rank: int):
+def _global_positions(local: torch.Tensor, tokens: int, rank: int, world: int, streams: tuple[int, int]):
     """A rank's token indices of a site as positions in one process's sequence. Every stream is
-    split in contiguous shards; the token-wise sites here hold one stream each (the joint ones
-    follow self-attention, which mixes tokens: they are reused on SUBSET steps)."""
-    return rank * tokens + local
+    split in contiguous shards. A parallel block (Flux's single blocks) concatenates each rank's
+    text shard before its image shard, while one process holds all text before all image tokens."""
+    text, image = streams
+    if tokens != text + image:
+        return rank * tokens + local
+    return torch.where(local < text, rank * text + local, world * text + rank * image + (local - text))
+
+
+def _stream_tokens(sites) -> tuple[int, int]:
+    """(text, image) tokens per rank, read off the first dual-stream block's feed-forwards; (0, 0)
+    for a model without one."""
+    by_name = {x.name: x.tokens[0] for x in sites}
+    ff = next((n for n in by_name if n.endswith(".ff") and n + "_context" in by_name), None)
+    return (by_name[ff + "_context"], by_name[ff]) if ff else (0, 0)
 
 
 def subset_vs_oracle(name: str) -> dict:
@@ -156,12 +167,13 @@ def subset_vs_oracle(name: str) -> dict:
             oracle = ReferenceCache.from_compiled(oracle_model, cp)
             cp_runner, cp_piece = st.graphs()[0]
             sites = cp_runner.sitemap.sites
+            streams = _stream_tokens(sites)
         idx, per_rank = {}, {}          # site -> global indices [batch, world x k]; and each rank's share
         for site, local in st.last_indices.items():
             shares = [torch.empty_like(local) for _ in range(world)]
             dist.all_gather(shares, local.contiguous())
             tokens = next(x.tokens[0] for x in sites if x.name == site)
-            per_rank[site] = [_global_positions(s, tokens, r) for r, s in enumerate(shares)]
+            per_rank[site] = [_global_positions(s, tokens, r, world, streams) for r, s in enumerate(shares)]
             idx[site] = torch.cat(per_rank[site], 1)
         actions = {n: a * world if isinstance(a, int) else a for n, a in st.last_actions.items()}
         want = oracle.run(actions, st.last_skip, idx, slot=st.slot, step=st.step, **kw)[0]
@@ -176,7 +188,7 @@ def subset_vs_oracle(name: str) -> dict:
                     dist.all_gather(shares, local)
                     block, tokens = key.rsplit(":", 1)[0], int(key.rsplit(":", 1)[1])
                     one = single_piece.slots[0].by_key[f"{block}:{tokens * world}"]
-                    pos = torch.cat([_global_positions(torch.arange(tokens), tokens, r)
+                    pos = torch.cat([_global_positions(torch.arange(tokens), tokens, r, world, streams)
                                      for r in range(world)])
                     score_diff = max(score_diff, (torch.cat(shares, 1) - one[:, pos]).abs().max().item())
                     # scores mixed with staleness are normalised over the global tokens

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 
 import torch
 
@@ -21,6 +22,21 @@ def compile_tiny(family, config, inner="eager", seed=0, **model_kw):
     fullgraph = EXPECTED[family].fullgraph if family in EXPECTED else True
     fast = torch.compile(model, backend=duca_backend(config, inner=inner), fullgraph=fullgraph, dynamic=False)
     return model, fast
+
+
+# diffusers declares no repeated blocks for these
+REPEATED = {"dit": ["BasicTransformerBlock"], "pixart": ["BasicTransformerBlock"]}
+
+
+def compile_regional(family, config, inner="eager", **model_kw):
+    """A tiny model with its blocks compiled by duca (``compile_repeated_blocks``), and an
+    uncompiled twin for the oracle."""
+    model = make_model(family, **model_kw)
+    twin = copy.deepcopy(model)
+    if not model._repeated_blocks:
+        model._repeated_blocks = REPEATED[family]
+    model.compile_repeated_blocks(backend=duca_backend(config, inner=inner), dynamic=False, fullgraph=True)
+    return twin, model
 
 
 def timesteps(n, start=900.0, stop=100.0):

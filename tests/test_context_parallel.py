@@ -92,6 +92,8 @@ def test_subset_under_context_parallelism_equals_the_oracle_on_the_same_global_t
     assert "error" not in r, r.get("error")
     assert [s["mode"] for s in r["steps"]] == ["full", "subset", "skip"] * 2
     assert max(s["diff"] for s in r["steps"]) < 1e-5
+    if family == "flux":    # single blocks: each rank's [text shard, image shard] joint tokens, MLP half on k
+        assert {"single_transformer_blocks.0.proj_out", "single_transformer_blocks.1.proj_out"} <= set(r["subsettable"])
     first, second = (s["tokens"] for s in r["steps"] if s["mode"] == "subset")
     assert any(len(first[site][0]) != len(second[site][0]) for site in first)   # other k, the same variant
     for step in r["steps"]:

@@ -9,10 +9,11 @@ from hypothesis import strategies as st
 import duca_compile
 from duca_compile import ClusCaConfig, DuCaConfig, FORAConfig, ScriptedConfig, TaylorSeerConfig, ToCaConfig
 from duca_compile.passes import vnorm_key
+from duca_compile.policies import make_policy
 from duca_compile.runtime import state_of
 from duca_compile.models import make_inputs
 
-from helpers import FAMILIES, compile_tiny, oracle_for, run_against_oracle, timesteps
+from helpers import FAMILIES, compile_regional, compile_tiny, oracle_for, run_against_oracle, timesteps
 
 OPENSORA_CYCLES = (("self_attn", "FCA"), ("ff", "FCA"), ("cross_attn", "FCACCA"))
 METHODS = {
@@ -102,6 +103,62 @@ def test_clusca_with_every_token_a_cluster_and_no_propagation_computes_the_mlp_f
         actions = {n: "compute" if i == 0 or k == "ff" else "reuse" for n, k in oracle.sites.items()}
         ref = oracle.run(actions, step=st_.step, slot=st_.slot, **kw)[0]
         torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
+
+
+def _block_streams(model, block, kw):
+    """The streams leaving ``block`` in an uncompiled run, by token count."""
+    seen = {}
+    h = model.get_submodule(block).register_forward_hook(lambda m, a, out: seen.update(out=out))
+    model(**kw)
+    h.remove()
+    outs = seen["out"] if isinstance(seen["out"], tuple) else (seen["out"],)
+    return {o.shape[1]: o for o in outs}
+
+
+@pytest.mark.parametrize("family, regional", [("dit", False), ("flux", False), ("flux", True)],
+                         ids=["dit", "flux", "flux-regional"])
+def test_clusca_clusters_each_stream_after_its_last_token_wise_block(family, regional, monkeypatch):
+    """As the official code: DiT clusters its last block's output (block 27), FLUX its image and text
+    streams after the last double block (18), not after the single blocks, which ClusCa forecasts."""
+    import duca_compile.runner as runner_module
+
+    clustered, kmeans = {}, runner_module.kmeans_l1
+
+    def recording(x, k, iters, init=None, generator=None):
+        clustered.setdefault(x.shape[1], x.clone())
+        return kmeans(x, k, iters, init, generator)
+    monkeypatch.setattr(runner_module, "kmeans_l1", recording)
+    config = ClusCaConfig(interval=3, clusters=4, first_enhance=1)
+    model, fast = compile_regional(family, config) if regional else compile_tiny(family, config)
+    kw = make_inputs(family, model, timestep=900.0)
+    with duca_compile.sampling(fast, num_steps=3):
+        fast(**kw)
+    expected = _block_streams(model, "transformer_blocks.1" if family == "dit" else "transformer_blocks.0", kw)
+    assert set(clustered) == set(expected) == ({16} if family == "dit" else {16, 5})
+    for tokens, x in clustered.items():
+        torch.testing.assert_close(x, expected[tokens], atol=1e-5, rtol=1e-5)
+
+
+def test_flux_clusca_preset_propagates_on_the_image_stream_only():
+    """Official FLUX ClusCa propagates the image MLP's representatives and scatters the text ones
+    plainly; the text stream is the one that sees the image only through joint attention."""
+    config = dataclasses.replace(duca_compile.presets("flux-dev", "clusca"), clusters=4, first_enhance=1,
+                                 interval=3, propagation=0.3)
+    model, fast = compile_tiny("flux", config)
+    with duca_compile.sampling(fast, num_steps=3):
+        run_against_oracle("flux", model, fast, timesteps(3))
+    runner, _ = state_of(fast).graphs()[0]
+    latent = {s.name: s.latent for s in runner.sitemap.sites}
+    assert latent == {"transformer_blocks.0.attn": True, "transformer_blocks.0.ff": True,
+                      "transformer_blocks.0.ff_context": False, "single_transformer_blocks.0.proj_out": True,
+                      "single_transformer_blocks.1.proj_out": True}
+    assert runner.layout.plain_sites == {"transformer_blocks.0.ff_context"}
+    subset = next(g for k, g in runner.variant_graphs.items() if any(a == "subset" for _, a in k[1]))
+    # propagation builds a new cache (scatter out of place, then copy_); a plain site scatters in place
+    assert sum(n.target is torch.ops.aten.scatter.src for n in subset.graph.nodes) == 1
+    assert sum(n.target is torch.ops.aten.scatter_.src for n in subset.graph.nodes) == 1
+    default = make_policy(dataclasses.replace(config, propagate_text=True))
+    assert default.propagates(False) and not make_policy(config).propagates(False)
 
 
 def test_clusca_with_more_clusters_than_tokens_names_the_field():

@@ -2,7 +2,6 @@
 graph caches, each block under its own name with caches of its own, under the step plan a
 whole-model graph gets. Checked against the eager oracle on an uncompiled twin, against whole-model
 duca, and for recompiles, cache hits in every block and compiles per block graph."""
-import copy
 import dataclasses
 import warnings
 
@@ -20,21 +19,9 @@ from duca_compile.report import count_ops
 from duca_compile.runtime import state_of
 from duca_compile.models import make_inputs, make_model
 
-from helpers import compile_tiny, timesteps
+from helpers import REPEATED, compile_regional, compile_tiny, timesteps
 
 FAMILIES = ["dit", "pixart", "flux", "wan", "qwen-image"]
-# diffusers declares no repeated blocks for these
-REPEATED = {"dit": ["BasicTransformerBlock"], "pixart": ["BasicTransformerBlock"]}
-
-
-def compile_regional(family, config, inner="eager", **model_kw):
-    """A tiny model with its blocks compiled by duca, and an uncompiled twin for the oracle."""
-    model = make_model(family, **model_kw)
-    twin = copy.deepcopy(model)
-    if not model._repeated_blocks:
-        model._repeated_blocks = REPEATED[family]
-    model.compile_repeated_blocks(backend=duca_backend(config, inner=inner), dynamic=False, fullgraph=True)
-    return twin, model
 
 
 def run_request(family, twin, model, steps, oracle=None, input_seed=0, atol=1e-5):

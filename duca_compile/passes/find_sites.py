@@ -50,6 +50,9 @@ class Site:
     attention_half: str = ""   # a parallel block's attention output (Flux single blocks): cached on
     #                            FULL, its rows read back on SUBSET while the token-wise half computes
     attention_channels: tuple = ()   # (start, stop) of that half in the branch module's input
+    residual: str = ""       # the residual add of output 0: the stream after this branch
+    latent: bool = True      # the stream carries the latent input other than through attention
+    #                          (False: joint attention's text stream, which sees the image only there)
 
     @property
     def subsettable(self) -> bool:
@@ -175,6 +178,19 @@ def _latent_blocks(graph: fx.Graph, where: _Where) -> set[str] | None:
     return blocks
 
 
+def _direct_latent_nodes(graph: fx.Graph) -> set[fx.Node] | None:
+    """Nodes that depend on the ``hidden_states`` input other than through an attention (SDPA)
+    output; None when no input has that name."""
+    latent = [n for n in graph.nodes if n.op == "placeholder" and LATENT_INPUT.search(source_name(n))]
+    if not latent:
+        return None
+    dependent = set(latent)
+    for n in graph.nodes:
+        if n.op != "placeholder" and any(a in dependent and not is_sdpa(a) for a in n.all_input_nodes):
+            dependent.add(n)
+    return dependent
+
+
 def _classify(raw: fx.Node, stream: fx.Node, block: str, where: _Where) -> str:
     region = branch_region(raw, stream)
     attn = [n for n in region if n.op == "call_function" and n.target in SDPA_TARGETS]
@@ -242,14 +258,16 @@ def _find_sites(gm: fx.GraphModule) -> SiteMap:
     found = [f for f in found if f[1] in attention]
     residual_adds = {n: None for n, *_ in found}
 
+    direct = _direct_latent_nodes(graph)
     sites: dict[str, Site] = {}
-    for _, block, child, raw, stream in found:
+    for add, block, child, raw, stream in found:
         stream = _latest_state(_branch_input(stream, raw), raw, residual_adds)
         name = f"{block}.{child}"
         site = sites.get(name)
         if site is None:
             site = sites[name] = Site(name=name, block=block, kind=_classify(raw, stream, block, where),
-                                      outputs=[], streams=[], tokens=[])
+                                      outputs=[], streams=[], tokens=[], residual=add.name,
+                                      latent=direct is None or stream in direct)
         if raw.name not in site.outputs:
             site.outputs.append(raw.name)
             site.streams.append(stream.name)

@@ -8,10 +8,10 @@ import torch
 import torch.fx as fx
 
 from .find_sites import SiteMap
-from .graph_paths import ancestors_in_block, is_collective, is_sdpa
+from .graph_paths import ancestors_in_block, is_collective, is_sdpa, token_count
 
 __all__ = ["ValueNorm", "vnorm_key", "Action", "CacheSpec", "InputSpec", "CacheLayout", "VariantContext", "order_key",
-           "half_key"]
+           "half_key", "cluster_key"]
 
 # Per-site action of one variant: compute (and write the cache), reuse the cache, or compute k tokens.
 Action = Union[str, int]
@@ -22,6 +22,11 @@ def order_key(site: str, output: int, order: int = 0) -> str:
     return f"{site}:{output}" if order == 0 else f"{site}:{output}:d{order}"
 
 
+def cluster_key(tokens: int) -> str:
+    """Cache key of ClusCa's clustering input for ``tokens`` tokens (``CacheLayout.cluster_sources``)."""
+    return f"cluster:{tokens}"
+
+
 def half_key(site: str) -> str:
     """Cache key of a parallel block's attention half (``Site.attention_half``)."""
     return f"{site}:attention-half"
@@ -29,7 +34,7 @@ def half_key(site: str) -> str:
 
 @dataclass(frozen=True)
 class CacheSpec:
-    key: str              # order_key(...), half_key(site), "stack:<index>" or vnorm_key(block, tokens)
+    key: str              # order_key(...), half_key(site), "stack:<index>", vnorm_key(block, tokens), cluster_key(tokens)
     placeholder: str
     shape: tuple
     dtype: torch.dtype
@@ -74,6 +79,11 @@ class CacheLayout:
     orders: Taylor terms kept beyond order 0 (TaylorSeer/ClusCa); propagation: ClusCa's gamma
     (SUBSET sites then also take a cluster assignment); value_norms: block -> the self-attention
     value slices whose per-head norms are cached for kv-norm token scores, one per token count.
+    A parallel block that can run on k tokens also caches its attention half. With propagation,
+    ``cluster_sources`` maps each token count of the token-wise sites to the last such site: the
+    stream after it (its residual add) is cached on FULL steps for k-means, as the official code
+    clusters the hidden state after the last block of that stream (DiT block 27, FLUX double block
+    18, image and text apart). ``plain_sites``: SUBSET sites that scatter without propagation.
     """
 
     caches: list[CacheSpec]
@@ -82,10 +92,12 @@ class CacheLayout:
     orders: int = 0
     propagation: float | None = None
     value_norms: dict[str, list[ValueNorm]] = field(default_factory=dict)
+    cluster_sources: dict[int, str] = field(default_factory=dict)
+    plain_sites: frozenset = frozenset()
 
     @classmethod
     def from_graph(cls, gm: fx.GraphModule, sitemap: SiteMap, orders: int = 0, propagation: float | None = None,
-                   value_norms: bool = False) -> "CacheLayout":
+                   value_norms: bool = False, plain_sites=frozenset()) -> "CacheLayout":
         nodes = {n.name: n for n in gm.graph.nodes}
         caches, batch = [], None
 
@@ -104,13 +116,20 @@ class CacheLayout:
         for i, name in enumerate(sitemap.stack_outputs):
             val = nodes[name].meta["example_value"]
             spec(f"stack:{i}", val.shape, val.dtype, val.device)
+        sources = {s.tokens[0]: s for s in sitemap.sites if s.subsettable} if propagation is not None else {}
+        sources = {t: s for t, s in sources.items()       # the last token-wise site of each token count
+                   if s.residual and token_count(nodes[s.residual]) == t}
+        for tokens, site in sources.items():
+            val = nodes[site.residual].meta["example_value"]
+            spec(cluster_key(tokens), val.shape, val.dtype, val.device)
         norms = _value_nodes(gm, sitemap) if value_norms else {}
         for block, slices in norms.items():
             for v in slices:
                 val = nodes[v.node].meta["example_value"]       # [batch, heads, T, head_dim]
                 spec(vnorm_key(block, v.tokens), (val.shape[0], v.tokens), torch.float32, val.device)
         return cls(caches=caches, batch=batch or 0, sitemap=sitemap, orders=orders, propagation=propagation,
-                   value_norms=norms)
+                   value_norms=norms, cluster_sources={t: s.name for t, s in sources.items()},
+                   plain_sites=frozenset(plain_sites))
 
     def spec(self, key: str) -> CacheSpec:
         return next(c for c in self.caches if c.key == key)

@@ -5,7 +5,7 @@ module's own input when that carries other tokens) and the raw output; ``token_c
 onto the selected tokens. A parallel block's attention half is not copied: its k rows are read
 from the cache FULL wrote, next to the freshly computed token-wise half. The raw output's users then read the cache after an in-place
 ``scatter_`` of the k fresh rows. With ClusCa propagation every cached row first moves towards
-its cluster representative's fresh row; with Taylor orders the users read the forecast built on
+its cluster representative's fresh row (not at ``layout.plain_sites``); with Taylor orders the users read the forecast built on
 the updated order-0 term.
 """
 from __future__ import annotations
@@ -43,7 +43,7 @@ def subset_branches(ctx: VariantContext) -> None:
         with graph.inserting_before(raw.next):
             fresh, env = copy_on_tokens(graph, raw, source, idx, halves)
             scatter_idx = _expanded_index(graph, idx, out_ch)
-            if gamma is None:
+            if gamma is None or site.name in ctx.layout.plain_sites:
                 updated = graph.call_function(aten.scatter_.src, (cache, 1, scatter_idx, fresh))
             else:   # ClusCa: every token moves towards its cluster's representative, then reps land
                 rep = graph.call_function(aten.gather.default, (fresh, 1, _expanded_index(

@@ -127,6 +127,11 @@ class CachePolicy:
     def plan(self, step: int, num_steps: int | None = None) -> StepPlan:
         raise NotImplementedError
 
+    def propagates(self, latent: bool) -> bool:
+        """With ``propagation``: whether a SUBSET site on a stream that carries the latent directly
+        (``latent``) or only through attention (a joint block's text stream) propagates."""
+        return True
+
     def modes(self) -> set[Mode]:
         """Every step mode this policy can ask for."""
         raise NotImplementedError

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .base import CacheConfig, CachePolicy, Mode, StepPlan, check_int, check_unit, register_policy
+from .base import CacheConfig, CachePolicy, Mode, StepPlan, check_bool, check_int, check_unit, register_policy
 from .taylorseer import counter_full_step
 
 __all__ = ["ClusCaConfig", "ClusCaPolicy"]
@@ -26,7 +26,10 @@ class ClusCaConfig(CacheConfig):
         the last centroids (run without an early-stop test, which would sync the host; a converged
         clustering is a fixed point).
     kmeans_cold_iters (`int`, defaults to `10`): iterations of a request's first clustering, from
-        random tokens (official: up to 100 on DiT, 10 on FLUX, stopping once the centroids settle)."""
+        random tokens (official: up to 100 on DiT, 10 on FLUX, stopping once the centroids settle).
+    propagate_text (`bool`, defaults to `True`): also propagate on streams that see the latent only
+        through attention (joint attention's text stream); official FLUX ClusCa does not (False):
+        its text representatives are scattered plainly."""
 
     interval: int = 5
     clusters: int = 16
@@ -35,6 +38,7 @@ class ClusCaConfig(CacheConfig):
     first_enhance: int = 3
     kmeans_iters: int = 10
     kmeans_cold_iters: int = 10
+    propagate_text: bool = True
 
     def __post_init__(self):
         super().__post_init__()
@@ -46,6 +50,7 @@ class ClusCaConfig(CacheConfig):
         check_int(owner, "first_enhance", self.first_enhance, 1)
         check_int(owner, "kmeans_iters", self.kmeans_iters, 1)
         check_int(owner, "kmeans_cold_iters", self.kmeans_cold_iters, 1)
+        check_bool(owner, "propagate_text", self.propagate_text)
 
 
 @register_policy(ClusCaConfig)
@@ -56,6 +61,9 @@ class ClusCaPolicy(CachePolicy):
         super().__init__(config)
         self.taylor_orders, self.taylor_warmup = config.max_order, config.first_enhance
         self.propagation = float(config.propagation)
+
+    def propagates(self, latent: bool) -> bool:
+        return latent or self.config.propagate_text
 
     def plan(self, step, num_steps=None):
         c = self.config

@@ -88,8 +88,9 @@ PRESETS = {
     ("flux-dev", "taylorseer"): (lambda: TaylorSeerConfig(interval=6, max_order=1, first_enhance=3),
                                  "TaylorSeer-FLUX code: N=6, O=1"),
     ("flux-dev", "clusca"): (lambda: ClusCaConfig(interval=5, clusters=16, propagation=0.005, max_order=1,
-                                                  first_enhance=3),
-                             "ClusCa FLUX: N=5, K=16, γ=0.005, O=1, first_enhance=3"),
+                                                  first_enhance=3, propagate_text=False),
+                             "ClusCa FLUX: N=5, K=16, γ=0.005, O=1, first_enhance=3; propagation on the image "
+                             "stream only, clusters after the last double block"),
     ("opensora", "duca"): (lambda: _opensora_duca("random"), "DuCa OpenSora cycles, R=0.1; v2 random"),
     ("opensora", "duca-v1"): (lambda: _opensora_duca("kv-norm"), "DuCa OpenSora script: kv-norm, R=0.1"),
 }
