@@ -295,6 +295,8 @@ class BlockRunner(GraphRunner):
         """ClusCa's clusters, once per FULL model call, from the caches of the block that ran each
         token count's last token-wise site (see ``GraphRunner.cluster_into``), shared by every block."""
         outputs = [slot.by_key[f"stack:{i}"] for i in range(len(self.sitemap.stack_outputs))]
-        caches = lambda site: stack.current[site.layer].piece.slots[st.slot].by_key    # noqa: E731
-        local = lambda site: next(k for k, v in stack.current[site.layer].names.items() if v == site.name)  # noqa: E731
-        return self.cluster_into(st, slot.clusters, outputs, stack.sites, caches, local)
+
+        def caches_of(site):
+            block = stack.current[site.layer]
+            return block.piece.slots[st.slot].by_key, next(k for k, v in block.names.items() if v == site.name)
+        return self.cluster_into(st, slot.clusters, outputs, stack.sites, caches_of)

@@ -19,7 +19,7 @@ import torch
 
 from .policies.kmeans import cluster_representatives, kmeans_l1
 from .passes import order_key, vnorm_key
-from .passes.layout import cluster_key
+from .passes.layout import cluster_key, last_token_wise
 from .policies import Mode, StepPlan, make_policy
 from .policies.base import effective_mode
 from .runtime import CompiledCallable, timestep_value
@@ -273,27 +273,25 @@ class GraphRunner(CompiledCallable):
 
     def _cluster(self, st, slot: _Slot, piece: Piece) -> None:
         stack = [slot.by_key[f"stack:{i}"] for i in range(len(self.sitemap.stack_outputs))]
-        caches = lambda site: slot.by_key                                     # noqa: E731
-        piece.cold_clusterings += self.cluster_into(st, slot.clusters, stack, self.sitemap.sites, caches,
-                                                    lambda site: site.name)
+        piece.cold_clusterings += self.cluster_into(st, slot.clusters, stack, self.sitemap.sites,
+                                                    lambda site: (slot.by_key, site.name))
 
-    def cluster_into(self, st, clusters: dict, stack: list, sites, caches_of, local_name) -> bool:
+    def cluster_into(self, st, clusters: dict, stack: list, sites, caches_of) -> bool:
         """After a FULL step: k-means per token count, on the stream after the last token-wise site
         with that many tokens (cached on FULL: DiT's last block output; Flux's image and text streams
         after the last double block), else the hidden state leaving the stack with that many tokens,
-        else that site's output. ``caches_of(site)``: the caches of the graph that ran the site,
-        where it is named ``local_name(site)``. The first clustering of a slot starts from random
+        else that site's output. ``caches_of(site)``: (the caches of the graph that ran the site,
+        the site's name there). The first clustering of a slot starts from random
         tokens and runs ``kmeans_cold_iters`` (returns True then); later ones from the last centroids."""
         config = self.config
         cold = not clusters
-        for tokens in sorted({s.tokens[0] for s in sites if s.subsettable}):
-            last = [s for s in sites if s.subsettable and s.tokens[0] == tokens][-1]
-            caches = caches_of(last)
+        for tokens, last in sorted(last_token_wise(sites).items()):
+            caches, name = caches_of(last)
             source = caches.get(cluster_key(tokens))
             if source is None:
                 source = next((t for t in stack if t.ndim == 3 and t.shape[1] == tokens), None)
             if source is None:
-                source = caches[order_key(local_name(last), 0)]
+                source = caches[order_key(name, 0)]
             k = min(config.clusters, tokens)
             previous = clusters.get(tokens)
             iters = config.kmeans_cold_iters if previous is None else config.kmeans_iters

@@ -7,11 +7,11 @@ from typing import Union
 import torch
 import torch.fx as fx
 
-from .find_sites import SiteMap
+from .find_sites import Site, SiteMap
 from .graph_paths import ancestors_in_block, is_collective, is_sdpa, token_count
 
 __all__ = ["ValueNorm", "vnorm_key", "Action", "CacheSpec", "InputSpec", "CacheLayout", "VariantContext", "order_key",
-           "half_key", "cluster_key"]
+           "half_key", "cluster_key", "last_token_wise"]
 
 # Per-site action of one variant: compute (and write the cache), reuse the cache, or compute k tokens.
 Action = Union[str, int]
@@ -25,6 +25,11 @@ def order_key(site: str, output: int, order: int = 0) -> str:
 def cluster_key(tokens: int) -> str:
     """Cache key of ClusCa's clustering input for ``tokens`` tokens (``CacheLayout.cluster_sources``)."""
     return f"cluster:{tokens}"
+
+
+def last_token_wise(sites) -> dict[int, Site]:
+    """Token count -> the last site (in graph order) with that many tokens that can run on k tokens."""
+    return {s.tokens[0]: s for s in sites if s.subsettable}
 
 
 def half_key(site: str) -> str:
@@ -92,7 +97,7 @@ class CacheLayout:
     orders: int = 0
     propagation: float | None = None
     value_norms: dict[str, list[ValueNorm]] = field(default_factory=dict)
-    cluster_sources: dict[int, str] = field(default_factory=dict)
+    cluster_sources: dict[int, Site] = field(default_factory=dict)
     plain_sites: frozenset = frozenset()
 
     @classmethod
@@ -116,9 +121,8 @@ class CacheLayout:
         for i, name in enumerate(sitemap.stack_outputs):
             val = nodes[name].meta["example_value"]
             spec(f"stack:{i}", val.shape, val.dtype, val.device)
-        sources = {s.tokens[0]: s for s in sitemap.sites if s.subsettable} if propagation is not None else {}
-        sources = {t: s for t, s in sources.items()       # the last token-wise site of each token count
-                   if s.residual and token_count(nodes[s.residual]) == t}
+        sources = {t: s for t, s in last_token_wise(sitemap.sites).items()
+                   if s.residual and token_count(nodes[s.residual]) == t} if propagation is not None else {}
         for tokens, site in sources.items():
             val = nodes[site.residual].meta["example_value"]
             spec(cluster_key(tokens), val.shape, val.dtype, val.device)
@@ -128,7 +132,7 @@ class CacheLayout:
                 val = nodes[v.node].meta["example_value"]       # [batch, heads, T, head_dim]
                 spec(vnorm_key(block, v.tokens), (val.shape[0], v.tokens), torch.float32, val.device)
         return cls(caches=caches, batch=batch or 0, sitemap=sitemap, orders=orders, propagation=propagation,
-                   value_norms=norms, cluster_sources={t: s.name for t, s in sources.items()},
+                   value_norms=norms, cluster_sources=sources,
                    plain_sites=frozenset(plain_sites))
 
     def spec(self, key: str) -> CacheSpec:
@@ -152,7 +156,7 @@ class CacheLayout:
                 # a site's own batch: Latte's temporal blocks run at batch × height × width
                 cache = self.spec(order_key(site.name, 0))
                 add("index", site.name, (cache.shape[0], k), torch.int64, cache.device)
-                if self.propagation is not None:
+                if self.propagation is not None and site.name not in self.plain_sites:
                     add("assign", site.name, (cache.shape[0], site.tokens[0]), torch.int64, cache.device)
         return out
 

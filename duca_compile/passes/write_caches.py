@@ -31,9 +31,8 @@ def write_caches(ctx: VariantContext) -> None:
                 write_differences(ctx, site.name, i, nodes[name])
         if half_key(site.name) in ctx.cache_nodes:      # a parallel block's attention half, for SUBSET steps
             _copy_into(graph, ctx.cache_nodes[half_key(site.name)], nodes[site.attention_half])
-    for tokens, name in ctx.layout.cluster_sources.items():   # ClusCa: the stream k-means runs on
-        if ctx.actions[name] == "compute":
-            site = next(s for s in ctx.sitemap.sites if s.name == name)
+    for tokens, site in ctx.layout.cluster_sources.items():   # ClusCa: the stream k-means runs on
+        if ctx.actions[site.name] == "compute":
             _copy_into(graph, ctx.cache_nodes[cluster_key(tokens)], nodes[site.residual])
 
 
