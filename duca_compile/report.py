@@ -89,7 +89,7 @@ def _plan(runner, num_steps: int | None) -> list[dict]:
 def _site_entry(s) -> dict:
     entry = {"name": s.name, "kind": s.kind, "outputs": len(s.outputs), "tokens": s.tokens,
              "subset": s.subsettable or s.subset_reason, "latent": s.latent}
-    if s.attention_half and s.subsettable:   # computed on k tokens beside its cached attention channels
+    if s.parallel_subset:   # computed on k tokens beside its cached attention channels
         entry["attention_channels"] = list(s.attention_channels)
     return entry
 

@@ -58,6 +58,11 @@ class Site:
     def subsettable(self) -> bool:
         return not self.subset_reason
 
+    @property
+    def parallel_subset(self) -> bool:
+        """A parallel block that runs its token-wise half on k tokens: its attention half is cached."""
+        return bool(self.attention_half) and self.subsettable
+
 
 @dataclass
 class SiteMap:

@@ -115,7 +115,7 @@ class CacheLayout:
                 batch = int(val.shape[0])
                 for m in range(orders + 1):
                     spec(order_key(site.name, i, m), val.shape, val.dtype, val.device)
-            if site.attention_half and site.subsettable:
+            if site.parallel_subset:
                 val = nodes[site.attention_half].meta["example_value"]
                 spec(half_key(site.name), val.shape, val.dtype, val.device)
         for i, name in enumerate(sitemap.stack_outputs):

@@ -79,7 +79,7 @@ def probe_subsets(gm: fx.GraphModule, sitemap: SiteMap, parallel_blocks: bool = 
         return node
 
     for site in sitemap.sites:
-        if site.subsettable and site.attention_half and not parallel_blocks:
+        if site.parallel_subset and not parallel_blocks:
             site.subset_reason = "this method reuses a parallel block (attention and MLP in one projection) whole"
         if not site.subsettable:
             continue
