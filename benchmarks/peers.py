@@ -129,7 +129,10 @@ class _DiffusersHooks(Peer):
     def _registered(self, model):
         from diffusers.hooks import HookRegistry
 
-        HookRegistry.check_if_exists_or_initialize(model).invalidate_child_registries_cache()
+        registry = HookRegistry.check_if_exists_or_initialize(model)
+        invalidate = getattr(registry, "invalidate_child_registries_cache", None)   # diffusers >= 0.41 caches them
+        if invalidate is not None:
+            invalidate()
 
     def _reset(self, model, num_steps):
         from diffusers.hooks import HookRegistry

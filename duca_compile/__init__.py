@@ -9,11 +9,14 @@ from .integrations.diffusers import disable, enable
 from .policies.presets import presets
 from .report import explain, stats
 from .runtime import reset, sampling
+from .versions import warn_if_untested as _warn_if_untested
 
 __all__ = ["duca_backend", "DuCaBackend", "CacheConfig", "DuCaConfig", "FORAConfig", "ToCaConfig",
            "TaylorSeerConfig", "ClusCaConfig", "CalibratedConfig", "Calibration", "calibrate", "RatioSchedule", "ScriptedConfig", "Mode", "presets",
-           "stats", "explain", "reset", "sampling", "enable", "disable", "dump", "flops_report"]
+           "stats", "explain", "reset", "sampling", "enable", "disable", "dump", "flops_report", "check"]
 __version__ = "0.3.0"
+
+_warn_if_untested()
 
 
 def __getattr__(name):
@@ -21,4 +24,7 @@ def __getattr__(name):
     if name == "flops_report":
         from .full_size_flops import flops_report
         return flops_report
+    if name == "check":                     # python -m duca_compile.doctor imports it as a script
+        from .doctor import check
+        return check
     raise AttributeError(f"module 'duca_compile' has no attribute {name!r}")

@@ -17,7 +17,8 @@ import weakref
 import torch
 import torch.fx as fx
 
-from . import owners
+from . import _torch, owners
+from .fallbacks import Fallback
 from .passes import CacheLayout, build_variant, find_sites, probe_subsets
 from .passes.graph_paths import graph_fake_mode, source_name as _source_name, timestep_input
 from .passes.specialize_shapes import is_dynamic, specialize_shapes
@@ -69,16 +70,19 @@ class DuCaBackend:
     def __call__(self, gm: fx.GraphModule, example_inputs, mode: str | None = None, options: dict | None = None):
         settings, inductor_options = self.settings(mode, options)
         compile_variant = inner_compiler(settings.inner, settings.mode, inductor_options)
-        module = _compiling_module(example_inputs)
+        module, fallbacks = _compiling_module(example_inputs)
         if is_dynamic(example_inputs) and not torch.is_grad_enabled():
             # caches need static shapes: specialise this graph per concrete shape, at run time
             ref = weakref.ref(module) if module is not None else (lambda: None)     # never keep it alive
-            return ShapeSpecializer(gm, lambda g, ex: self._compile(g, ex, settings, compile_variant, ref()))
-        return self._compile(gm, example_inputs, settings, compile_variant, module)
+            return ShapeSpecializer(gm, lambda g, ex: self._compile(g, ex, settings, compile_variant, ref(),
+                                                                    fallbacks))
+        return self._compile(gm, example_inputs, settings, compile_variant, module, fallbacks)
 
-    def _compile(self, gm: fx.GraphModule, example_inputs, settings: Settings, compile_variant, module):
+    def _compile(self, gm: fx.GraphModule, example_inputs, settings: Settings, compile_variant, module,
+                 fallbacks=()):
         """The runner for a graph with static shapes (or a plain compile, wrapped, saying why not);
-        ``module``: the module Dynamo compiled the graph from, when known."""
+        ``module``: the module Dynamo compiled the graph from, when known; ``fallbacks``: what the
+        runner must report for the graph so far."""
         params = [i for i, x in enumerate(example_inputs) if isinstance(x, torch.nn.Parameter)]
         if not params:
             _warn_plain("the graph has no parameters, so it cannot be tied to a model", settings.inner)
@@ -111,12 +115,13 @@ class DuCaBackend:
             return TimestepClock(resolve, compiled, ts, sitemap.why_empty) if ts is not None else \
                 UncachedCall(resolve, compiled, sitemap.why_empty)
         policy = make_policy(settings.config)
-        probe_subsets(gm, sitemap, parallel_blocks=Mode.SUBSET in policy.modes() and policy.subsets_parallel_blocks)
+        fallbacks = [*fallbacks, *probe_subsets(
+            gm, sitemap, parallel_blocks=Mode.SUBSET in policy.modes() and policy.subsets_parallel_blocks)]
         layout = CacheLayout.from_graph(gm, sitemap, orders=policy.taylor_orders, propagation=policy.propagation,
                                         value_norms=getattr(settings.config, "selection", "") == "kv-norm",
                                         plain_sites={s.name for s in sitemap.sites if not policy.propagates(s.latent)})
         fake_mode = graph_fake_mode(n.meta.get("example_value") for n in gm.graph.nodes) \
-            or torch._guards.detect_fake_mode(example_inputs)
+            or _torch.detect_fake_mode(example_inputs)
 
         examples, strided = list(example_inputs), []
         if sitemap.regional:
@@ -130,8 +135,9 @@ class DuCaBackend:
                  " (one block's graph: regional)" if sitemap.regional else "", sitemap.stack_outputs)
         if sitemap.regional:
             return BlockRunner(lookup, settings, sitemap, layout, build, timestep_index=None, user_indices=user,
-                               strided=strided, share_key=(settings, *block_graph_key(gm, examples)))
-        return GraphRunner(resolve, settings, sitemap, layout, build, timestep_index=ts, user_indices=user)
+                               fallbacks=fallbacks, strided=strided, share_key=(settings, *block_graph_key(gm, examples)))
+        return GraphRunner(resolve, settings, sitemap, layout, build, timestep_index=ts, user_indices=user,
+                           fallbacks=fallbacks)
 
 
 class VariantBuilder:
@@ -207,8 +213,7 @@ def _register_name() -> None:
     """``backend="duca"``: torch finds the name through the package's entry point, which imports this
     module and then registers it itself; register here only when torch knows no such name yet
     (the package run from a source tree without ``pip install``)."""
-    from torch._dynamo.backends import registry
-
+    registry = _torch.backend_registry
     known = getattr(registry, "_BACKENDS", {})
     if "duca" not in known and "duca" not in getattr(registry, "_COMPILER_FNS", {}):
         try:
@@ -216,7 +221,7 @@ def _register_name() -> None:
 
             if any(ep.name == "duca" for ep in entry_points(group="torch_dynamo_backends")):
                 return                         # torch will load it through the entry point
-        except Exception:  # noqa: BLE001 - metadata unreadable: register by hand below
+        except (OSError, ValueError):          # metadata unreadable: register by hand below
             pass
         registry.register_backend(duca_backend, name="duca")
 
@@ -225,15 +230,10 @@ def _register_name() -> None:
 def settings_of(model) -> Settings | None:
     """The duca settings of a compiled wrapper: what ``torch.compile(m, ...)`` returned, or a module
     compiled in place by ``m.compile(...)``. None when ``model`` is not one, or not with duca."""
-    from torch._dynamo.eval_frame import OptimizedModule, innermost_backend
-
-    if isinstance(model, OptimizedModule):
-        callback = getattr(getattr(model, "dynamo_ctx", None), "callback", None)
-    else:
-        callback = _closure_value(getattr(model, "_compiled_call_impl", None), "callback")
+    callback = _torch.compile_callback(model)
     if callback is None:
         return None
-    backend = innermost_backend(callback)
+    backend = _torch.innermost_backend(callback)
     fn, kwargs = getattr(backend, "compiler_fn", backend), dict(getattr(backend, "kwargs", {}) or {})
     fn = getattr(fn, "duca", fn)                   # integrations.diffusers wraps one
     fn = _DEFAULT if fn is duca_backend else fn
@@ -245,32 +245,24 @@ def settings_of(model) -> Settings | None:
         return None
 
 
-def _closure_value(fn, name: str):
-    code = getattr(fn, "__code__", None)
-    if code is None or name not in code.co_freevars or fn.__closure__ is None:
-        return None
-    return fn.__closure__[code.co_freevars.index(name)].cell_contents
-
-
 def _warn_plain(why: str, inner: str, hint: str = "") -> None:
     warnings.warn(f"duca: no caching for this graph ({why}); compiling it plainly with {inner}{hint}",
                   stacklevel=3)
 
 
-def _compiling_module(example_inputs) -> torch.nn.Module | None:
+def _compiling_module(example_inputs) -> tuple[torch.nn.Module | None, list[Fallback]]:
     """The module whose forward Dynamo is compiling, when it holds the graph's first parameter
-    (pieces of one model split by graph breaks then share one owner)."""
+    (pieces of one model split by graph breaks then share one owner), and the fallback taken when
+    this torch cannot say (the run-time lookup then walks the call stack)."""
     anchor = next((x for x in example_inputs if isinstance(x, torch.nn.Parameter)), None)
     try:
-        from torch._dynamo.symbolic_convert import InstructionTranslator
-
-        tx = InstructionTranslator.current_tx()
-        module = tx.f_locals.get("self") if tx is not None else None
-    except Exception:  # noqa: BLE001 - outside Dynamo (or another version): the run-time lookup decides
-        return None
+        frame_locals = _torch.compiling_frame_locals()
+    except _torch.MissingTorchAPI as e:
+        return None, [Fallback("owner_by_frame_walk", "graph", str(e).split(". Tested")[0])]
+    module = frame_locals.get("self") if frame_locals is not None else None
     if anchor is not None and isinstance(module, torch.nn.Module) and any(p is anchor for p in module.parameters()):
-        return module
-    return None
+        return module, []
+    return None, []
 
 
 _DEFAULT = DuCaBackend()      # what the bare ``backend=duca_backend`` compiles with

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import _torch
 from .integrations.diffusers import repeated_blocks
 from .regional import _timestep_parameter
 from .runtime import TimestepTracker, timestep_value
@@ -49,7 +50,7 @@ def _metadata(block):
         from diffusers.hooks._helpers import TransformerBlockRegistry
         meta = TransformerBlockRegistry.get(type(block))
         return meta.hidden_states_argument_name, meta.return_hidden_states_index
-    except Exception:  # noqa: BLE001 - a private registry: any failure means "not listed"
+    except (ImportError, ValueError, KeyError):     # an older diffusers, or a class it does not list
         return "hidden_states", None
 
 
@@ -79,7 +80,7 @@ def calibrate(model: torch.nn.Module, run) -> Calibration:
     """Magnitude ratios of one request: ``run()`` must run exactly one uncached request through
     ``model`` itself (not a compiled copy: its hooks would not fire), e.g.
     ``calibrate(pipe.transformer, lambda: pipe(prompt, num_inference_steps=50))``."""
-    if isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
+    if isinstance(model, _torch.OptimizedModule):
         raise ValueError("calibrate: pass the uncompiled model (`compiled._orig_mod`) and run the request "
                          "through it: hooks do not fire inside compiled code")
     blocks = repeated_blocks(model)

@@ -19,6 +19,7 @@ import shutil
 
 import torch
 
+from . import _torch
 from .report import _variant_name, count_ops, explain
 from .runtime import states_of
 from .settings import OUTPUT_CODE
@@ -30,7 +31,7 @@ def dump(model, directory: str) -> list[str]:
     """Write every compiled variant of ``model`` (the compiled module, the ``torch.compile``
     wrapper, or a pipeline's transformer after ``enable``) under ``directory``; returns the paths.
     ValueError when the model has no caching state yet (it has not been called)."""
-    module = getattr(model, "_orig_mod", model)
+    module = _torch.original_module(model)
     states = states_of(model)
     if not states:
         raise ValueError(f"duca_compile.dump: {type(module).__name__} has no duca caching state; compile it with "
@@ -72,14 +73,12 @@ def _file_name(label: str) -> str:
 def _dynamo_code(module: torch.nn.Module, states) -> list[tuple[str, str]]:
     """(file name, source) of the bytecode Dynamo made for each frame it compiled: the model's
     forward and, compiled block by block, each block class's forward."""
-    from torch._C._dynamo.eval_frame import _debug_get_cache_entry_list
-
     owners = [module] + [_submodule(module, b.name) for st in states if st.regional is not None
                          for b in st.regional.blocks]
     codes = list(dict.fromkeys(getattr(type(m).forward, "__code__", None) for m in owners))
     out = []
     for code in filter(None, codes):
-        for i, entry in enumerate(_debug_get_cache_entry_list(code)):
+        for i, entry in enumerate(_torch.cache_entries(code)):
             out.append((f"dynamo_{code.co_name}_{code.co_firstlineno}_{i}.py", _decompile(entry.code)))
     return out
 

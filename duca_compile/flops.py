@@ -22,6 +22,8 @@ import torch
 import torch.fx as fx
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
+from . import _torch
+from .fallbacks import Fallback
 from .policies import ClusCaConfig
 
 __all__ = ["flop_counter", "count_flops", "variant_flops", "full_key", "runner_flops", "model_flops", "clustering_flops"]
@@ -107,7 +109,7 @@ def variant_flops(runner, key) -> int:
             memo[key] = per_k(key)
         else:
             gm = _variant_graph(runner, key)
-            fake_mode = torch._subclasses.FakeTensorMode(allow_non_fake_inputs=True)
+            fake_mode = _torch.FakeTensorMode(allow_non_fake_inputs=True)
             inputs = _fake_inputs(runner, gm, key, fake_mode)
             with fake_mode:
                 memo[key] = count_flops(gm, *inputs)
@@ -138,18 +140,15 @@ def _symbolic_flops(runner, key):
     if not specs:
         return None
     gm = _variant_graph(runner, key)
-    from torch.fx.experimental.symbolic_shapes import ShapeEnv
-    from torch._dynamo.source import ConstantSource
-
-    shape_env = ShapeEnv(duck_shape=False)
-    fake_mode = torch._subclasses.FakeTensorMode(allow_non_fake_inputs=True, shape_env=shape_env)
+    shape_env = _torch.ShapeEnv(duck_shape=False)
+    fake_mode = _torch.FakeTensorMode(allow_non_fake_inputs=True, shape_env=shape_env)
     inputs = _fake_inputs(runner, gm, key, fake_mode)
     placeholders = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
     symbols = {}
     try:
         with fake_mode:
             for spec in specs:
-                sym = shape_env.create_symbol(spec.shape[1], ConstantSource(f"duca_k_{spec.placeholder}"))
+                sym = shape_env.create_symbol(spec.shape[1], _torch.ConstantSource(f"duca_k_{spec.placeholder}"))
                 k = shape_env.create_symintnode(sym, hint=spec.shape[1])
                 inputs[placeholders.index(spec.placeholder)] = torch.empty((spec.shape[0], k), dtype=spec.dtype,
                                                                            device=spec.device)
@@ -157,10 +156,10 @@ def _symbolic_flops(runner, key):
             total = count_flops(gm, *inputs)
         expr = total.node.expr if isinstance(total, torch.SymInt) else None
         fixed = any(sym in shape_env.replacements for sym in symbols.values())
-    except Exception:  # noqa: BLE001 - a graph (or a torch) where k cannot be symbolic: count each plan
-        return None
+    except RuntimeError as e:      # symbolic shapes could not follow k (a guard on it, data dependence)
+        return _per_plan(runner, pattern, f"{type(e).__name__}: {e}"[:200])
     if fixed or (expr is not None and not expr.free_symbols <= set(symbols.values())):
-        return None
+        return _per_plan(runner, pattern, "counting fixed a k" if fixed else "the count depends on more than k")
 
     def per_k(plan_key) -> int:
         if expr is None:
@@ -170,6 +169,17 @@ def _symbolic_flops(runner, key):
 
     known[pattern] = per_k
     return per_k
+
+
+def _per_plan(runner, pattern, why: str) -> None:
+    """Count ``pattern``'s plans one by one (``variant_flops`` builds each plan's graph), and say so."""
+    runner.fallbacks.append(Fallback("flops_per_plan", _pattern_text(pattern), why))
+    return None
+
+
+def _pattern_text(pattern) -> str:
+    skip, items = pattern
+    return f"{'SKIP' if skip else 'SUBSET'} pattern of {sum(a == 'subset' for _, a in items)} SUBSET sites"
 
 
 def _site_tokens(site, action, skip) -> int:
@@ -228,6 +238,7 @@ def model_flops(state) -> dict:
     out = {"flops_run": 0, "flops_full": 0, "flops_clustering": 0, "tokens_per_site": Counter()}
     for runner, piece in state.graphs():
         r = runner_flops(runner, piece.variant_calls, piece.cold_clusterings)
+        state.note_fallbacks(runner.fallbacks)          # counting may have had to go plan by plan
         if piece.names is not None and state.regional is not None:      # a block of a regional model
             r["tokens_per_site"] = {piece.names[k]: v for k, v in r["tokens_per_site"].items()}
             if not any(b.piece is piece and state.regional.is_last(b) for b in state.regional.views):

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
+from . import _torch
 from .flops import full_key, runner_flops, variant_flops
 from .models.full_size import MODELS, STEPS, meta_model, model_inputs
 from .policies import CacheConfig, ClusCaConfig, DuCaConfig, FORAConfig, Mode, TaylorSeerConfig, ToCaConfig
@@ -42,13 +43,11 @@ def _trace(model: torch.nn.Module, inputs: dict) -> _Trace:
     captured = []
 
     def capture(gm, example_inputs):
-        captured.append((gm, list(example_inputs), torch._guards.detect_fake_mode(example_inputs)))
+        captured.append((gm, list(example_inputs), _torch.detect_fake_mode(example_inputs)))
         return gm.forward
 
     start = time.perf_counter()
-    limits = {k: 1 << 16 for k in ("recompile_limit", "accumulated_recompile_limit")
-              if hasattr(torch._dynamo.config, k)}
-    with torch.no_grad(), torch._dynamo.config.patch(**limits):
+    with torch.no_grad(), _torch.unlimited_recompiles():
         torch.compile(model, backend=capture, fullgraph=True, dynamic=False)(**inputs)
     if len(captured) != 1:
         raise RuntimeError(f"duca flops: expected one graph, Dynamo made {len(captured)}")
@@ -61,8 +60,8 @@ def _runner(trace: _Trace, config: CacheConfig):
 
     # The report's runner is never called, so it creates no caching state: a model compiled with
     # duca too keeps its own untouched.
-    ctx = torch._guards.TracingContext(trace.fake_mode) if trace.fake_mode is not None else None
-    with torch.no_grad(), (torch._guards.tracing(ctx) if ctx is not None else contextlib.nullcontext()):
+    ctx = _torch.TracingContext(trace.fake_mode) if trace.fake_mode is not None else None
+    with torch.no_grad(), (_torch.tracing(ctx) if ctx is not None else contextlib.nullcontext()):
         runner = DuCaBackend(config, inner="eager")(trace.gm, trace.example_inputs)
     if not hasattr(runner, "plan_step"):
         raise RuntimeError("duca flops: the duca backend found no cache sites in this model")
@@ -117,7 +116,7 @@ def flops_report(model, config: CacheConfig, num_steps: int = 50, batch: int = 2
     elif isinstance(model, torch.nn.Module):
         if model_overrides:
             raise ValueError(f"model config overrides {sorted(model_overrides)} need a model name")
-        model = getattr(model, "_orig_mod", model)          # a torch.compile'd module: trace the original
+        model = _torch.original_module(model)               # a torch.compile'd module: trace the original
         name = type(model).__name__
         trace = _trace(model, inputs or model_inputs(model, batch))
     else:
@@ -148,6 +147,7 @@ def flops_report(model, config: CacheConfig, num_steps: int = 50, batch: int = 2
         "steps": {m.value: modes.get(m.value, 0) for m in Mode},
         "flops_per_mode": {m: sum(v) / len(v) for m, v in per_mode.items()},
         "flops_per_variant": _per_variant(runner, calls),
+        "fallbacks": dict(Counter(fb.reason for fb in runner.fallbacks)),
         "flops_clustering": acc["flops_clustering"], "tokens_per_site": acc["tokens_per_site"],
         "trace_seconds": trace.seconds, "count_seconds": time.perf_counter() - start,
     }

@@ -278,6 +278,8 @@ class BlockRunner(GraphRunner):
             slot.clusters.clear()          # shared by the blocks: the request's first clustering is cold
         extra = self._inputs(st, slot, p.actions, p.key, block.names)
         out = self.variant(p.actions, p.key[0], p.key, st)(*args, *slot.caches, *extra)
+        if self.fallbacks:
+            st.note_fallbacks(self.fallbacks)
         piece.variant_calls[p.key] += 1
         global_plan = stack.plan_step(st.step, st.num_steps) if p.plan.mode is not Mode.FULL else None
         st.last_plan, st.last_skip = p.plan, p.skip

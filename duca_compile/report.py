@@ -5,6 +5,7 @@ from collections import Counter
 
 import torch
 
+from . import _torch
 from .passes.graph_paths import is_collective
 from .policies import Mode
 from .policies.base import effective_mode
@@ -12,7 +13,7 @@ from .runtime import state_of
 
 __all__ = ["stats", "explain"]
 
-_HEAVY = {"linear": (torch._C._nn.linear, torch.ops.aten.linear.default, torch.ops.aten.addmm.default,
+_HEAVY = {"linear": (_torch.linear_op, torch.ops.aten.linear.default, torch.ops.aten.addmm.default,
                      torch.ops.aten.mm.default),
           "sdpa": (torch.nn.functional.scaled_dot_product_attention,
                    torch.ops.aten.scaled_dot_product_attention.default),
@@ -32,7 +33,9 @@ def _require(model):
 def stats(model, flops: bool = True) -> dict:
     """Calls per mode, tokens computed, requests seen, cache hits (in total and per block),
     resets, compile time, ``cache_bytes`` (memory held by caches and Taylor terms, every slot and
-    shape), and ``uncached``: why graphs of the model (if any) run plainly.
+    shape), ``uncached``: why graphs of the model (if any) run plainly, and ``fallbacks``: where
+    duca did something other than the method asked, reason -> places (``duca_compile.fallbacks``;
+    ``explain()`` lists each).
 
     With ``flops`` (counted lazily here, once per variant, on fake tensors: see ``duca_compile.flops``):
     ``flops_run`` (FLOPs of every call so far), ``flops_full`` (what the uncached model would have
@@ -40,15 +43,17 @@ def stats(model, flops: bool = True) -> dict:
     ``flops_clustering`` (ClusCa's k-means, an analytic estimate not included in ``flops_run``).
     """
     st = _require(model)
+    if flops:
+        from .flops import model_flops
+
+        counted = model_flops(st)          # first: counting can add a fallback
     out = st.stats.as_dict()
     out["config"] = st.config
     out["uncached"] = list(st.uncached)
     out["cache_bytes"] = sum(piece.cache_bytes() for _, piece in st.graphs())
     out["token_ratio"] = out["tokens_computed"] / out["tokens_total"] if out["tokens_total"] else 1.0
     if flops:
-        from .flops import model_flops
-
-        out.update(model_flops(st))
+        out.update(counted)
     return out
 
 
@@ -115,6 +120,8 @@ def explain(model, as_text: bool = True, num_steps: int | None = None):
         lines.append("no graph of this model is cached; it runs plainly")
     for why in st.uncached:
         lines.append(f"uncached graph piece: {why}")
+    for fb in st.fallbacks.values():
+        lines.append(f"fallback [{fb.reason}] at {fb.where}: {fb.detail}")
     for i, g in enumerate(graphs):
         if g.get("regional"):
             lines.append(f"regional: {len(g['blocks'])} blocks compiled one by one in {len(g['graphs'])} block "

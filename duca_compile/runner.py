@@ -17,6 +17,7 @@ from types import MappingProxyType
 
 import torch
 
+from .fallbacks import Fallback
 from .policies.kmeans import cluster_representatives, kmeans_l1
 from .passes import order_key, vnorm_key
 from .passes.layout import cluster_key, last_token_wise
@@ -100,7 +101,7 @@ class Piece:
 
 
 class GraphRunner(CompiledCallable):
-    def __init__(self, resolve, settings, sitemap, layout, build, timestep_index, user_indices):
+    def __init__(self, resolve, settings, sitemap, layout, build, timestep_index, user_indices, fallbacks=()):
         self.resolve, self.settings = resolve, settings      # resolve(args) -> the model's ModelState
         self.config = settings.config
         self.policy = make_policy(self.config)
@@ -115,6 +116,8 @@ class GraphRunner(CompiledCallable):
         self.compiles = 0
         self.input_specs: dict[tuple, list] = {}
         self.sites = {s.name: s for s in sitemap.sites}
+        # what this graph does other than asked (fallbacks.Fallback), noted in each model it serves
+        self.fallbacks: list[Fallback] = list(fallbacks)
 
     # -- planning -------------------------------------------------------------------------------
     def plan_step(self, step: int, num_steps: int | None) -> tuple[StepPlan, dict, bool]:
@@ -151,6 +154,9 @@ class GraphRunner(CompiledCallable):
         fn, accepts = self.variants[pattern]
         if pattern != key and not accepts(self._index_examples(actions)):
             fn = self._compile(actions, skip, key, False, state)[0]
+            ks = sorted({a for a in actions.values() if isinstance(a, int)})
+            self.fallbacks.append(Fallback("plan_compiled_apart", f"SUBSET k={','.join(map(str, ks))}",
+                                           "the compiler's assumptions about k exclude these sizes"))
         self.by_plan[key] = fn
         return fn
 
@@ -221,6 +227,8 @@ class GraphRunner(CompiledCallable):
         extra = self._inputs(st, slot, p.actions, p.key)
         st.last_plan, st.last_actions, st.last_skip = p.plan, p.actions, p.skip
         out = self.variant(p.actions, p.skip, p.key, st)(*args, *slot.caches, *extra)
+        if self.fallbacks:
+            st.note_fallbacks(self.fallbacks)       # the graph's, and any this call's compile found
         piece.variant_calls[p.key] += 1
         for name in p.computed:
             st.selector.full(name)             # every token of a computed site is fresh again

@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import owners
+from . import _torch, owners
+from .fallbacks import Fallback
 from .policies import CacheConfig, Mode, StepPlan, make_policy
 from .policies.token_selection import TokenSelector
 
@@ -49,6 +50,7 @@ class Stats:
     fallback_calls: int = 0      # calls run FULL because no step could be tracked
     uncached_calls: int = 0      # calls a cached model ran plainly (grad mode)
     block_hits: Counter = field(default_factory=Counter)   # block -> site outputs it read from a cache
+    fallbacks: Counter = field(default_factory=Counter)    # fallbacks.REASONS key -> places it happened
     variants_compiled: int = 0
     compile_seconds: float = 0.0
 
@@ -56,6 +58,7 @@ class Stats:
         d = dict(self.__dict__)
         d["steps"] = {m.value: self.steps.get(m.value, 0) for m in Mode}
         d["block_hits"] = dict(self.block_hits)
+        d["fallbacks"] = dict(self.fallbacks)
         return d
 
 
@@ -111,6 +114,7 @@ class ModelState:
         self.generators: dict[torch.device, torch.Generator] = {}
         self.seed_offset = 0         # context parallelism: this rank's stream of the shared seed
         self.warned: set[str] = set()
+        self.fallbacks: dict[tuple[str, str], Fallback] = {}    # (reason, where) -> the fallback
         self.selector = TokenSelector(config, self.warn_once)
         self.last_indices: dict[str, torch.Tensor] = {}
         self.last_plan: StepPlan | None = None
@@ -208,6 +212,16 @@ class ModelState:
             import warnings
             warnings.warn(message, stacklevel=3)
 
+    def note_fallbacks(self, fallbacks, warn: bool = True) -> None:
+        """Record ``fallbacks`` (``fallbacks.Fallback``) for this model: counted once per place,
+        one warning per reason (``warn=False``: the backend has warned when it compiled the graph)."""
+        for fb in fallbacks:
+            if (fb.reason, fb.where) not in self.fallbacks:
+                self.fallbacks[(fb.reason, fb.where)] = fb
+                self.stats.fallbacks[fb.reason] += 1
+                if warn:
+                    self.warn_once(f"fallback:{fb.reason}", fb.message())
+
 
 def state_for(owner: owners.Owner, settings, on_new=None) -> ModelState:
     """``owner``'s state under ``settings`` (a ``backend.Settings``), created on first use."""
@@ -242,7 +256,7 @@ def context_parallel(module) -> tuple[int, int, object]:
 
 def states_of(model) -> list[ModelState]:
     """Every caching state of ``model`` (a compiled wrapper or the module itself), one per setting."""
-    module = getattr(model, "_orig_mod", model)
+    module = _torch.original_module(model)
     owner = owners.lookup(module)
     if owner is None and isinstance(module, torch.nn.Module):
         owner = next(filter(None, map(owners.lookup, module.parameters())), None)
@@ -264,7 +278,7 @@ def state_of(model) -> ModelState | None:
         return next((st for st in states if st.settings == settings), None)
     if len(states) <= 1:
         return states[0] if states else None
-    raise ValueError(f"{type(getattr(model, '_orig_mod', model)).__name__} is compiled with {len(states)} duca "
+    raise ValueError(f"{type(_torch.original_module(model)).__name__} is compiled with {len(states)} duca "
                      f"settings ({', '.join(repr(s.config) for s in states)}); pass the compiled wrapper "
                      "that torch.compile returned to say which")
 
@@ -307,10 +321,15 @@ class TimestepClock(CompiledCallable):
     def __call__(self, *args):
         st = self.resolve(args)
         if self.why not in st.uncached:
-            st.uncached.append(self.why)
+            _note_uncached(st, self.why)
         st.clock_calls += 1
         st.pending_timestep = args[self.timestep_index]
         return self.compiled(*args)
+
+
+def _note_uncached(st: ModelState, why: str) -> None:
+    st.uncached.append(why)
+    st.note_fallbacks([Fallback("graph_uncached", f"graph piece {len(st.uncached)}", why)], warn=False)
 
 
 class UncachedCall(CompiledCallable):
@@ -326,7 +345,7 @@ class UncachedCall(CompiledCallable):
     def __call__(self, *args):
         st = self.resolve(args)
         if self.why not in st.uncached:
-            st.uncached.append(self.why)
+            _note_uncached(st, self.why)
         if self.counts_step:
             st.stats.uncached_calls += 1
             i = self.timestep_index
@@ -406,7 +425,7 @@ def sampling(model, num_steps: int | None = None, calls_per_step: int = 1):
             continue
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"sampling(): {name} must be an int >= 1, got {value!r}")
-    driver, module = _Sampling(num_steps, calls_per_step), getattr(model, "_orig_mod", model)
+    driver, module = _Sampling(num_steps, calls_per_step), _torch.original_module(model)
     st = state_of(model)
     if st is None and not isinstance(module, torch.nn.Module):
         raise ValueError("sampling() needs the compiled module (or a model already called once)")

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import _torch
 from .policies import CacheConfig
 
 __all__ = ["Settings", "INNER_COMPILERS", "OWN_OPTIONS", "OUTPUT_CODE", "check_inductor_settings", "inner_compiler"]
@@ -42,17 +43,15 @@ def check_inductor_settings(inner: str, mode, options: dict) -> None:
         return
     if mode is None and not options:
         return
-    from torch._inductor import list_mode_options, list_options
-
     if mode is not None:
         try:
-            list_mode_options(mode)
+            _torch.list_mode_options(mode)
         except RuntimeError as e:
             raise ValueError(f"mode: {e}") from None
-    unknown = sorted(set(options) - set(list_options()))
+    unknown = sorted(set(options) - set(_torch.list_options()))
     if unknown:
         raise ValueError(f"options {unknown} are neither duca's {OWN_OPTIONS} nor Inductor config keys "
-                         "(torch._inductor.list_options())")
+                         "(Inductor's list_options())")
 
 
 class InnerCompiler:
@@ -65,9 +64,7 @@ class InnerCompiler:
         self.inner = inner
         self.patches = {}
         if inner == "inductor":
-            from torch._inductor import list_mode_options
-
-            self.patches = {**list_mode_options(mode or "default"), **options}
+            self.patches = {**_torch.list_mode_options(mode or "default"), **options}
 
     def __call__(self, gm, example_inputs):
         return self.compile_generic(gm, example_inputs, ())[0]
@@ -78,33 +75,24 @@ class InnerCompiler:
         # Compiled lazily, outside Dynamo: give the compiler a tracing context of its own, with a
         # shape environment (without one Inductor's FX-graph and AOT caches are bypassed), static
         # fake inputs (tensors Dynamo never saw would otherwise get symbolic sizes) except k.
-        from torch._dynamo.source import ConstantSource
-        from torch._subclasses.fake_tensor import FakeTensorMode
-        from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
-
-        shape_env = ShapeEnv(duck_shape=False)         # two sites' k may differ whatever the first ones were
-        fake_mode = FakeTensorMode(shape_env=shape_env)
+        shape_env = _torch.ShapeEnv(duck_shape=False)     # two sites' k may differ whatever the first ones were
+        fake_mode = _torch.FakeTensorMode(shape_env=shape_env)
         token_inputs = set(token_inputs)
         fakes = []
         for i, x in enumerate(example_inputs):
             if i in token_inputs:
-                context = StatelessSymbolicContext(dynamic_sizes=[DimDynamic.STATIC, DimDynamic.DYNAMIC])
-                fakes.append(fake_mode.from_tensor(x, source=ConstantSource(f"duca_index_{i}"),
+                context = _torch.StatelessSymbolicContext(dynamic_sizes=[_torch.DimDynamic.STATIC, _torch.DimDynamic.DYNAMIC])
+                fakes.append(fake_mode.from_tensor(x, source=_torch.ConstantSource(f"duca_index_{i}"),
                                                    symbolic_context=context))
             else:
                 fakes.append(fake_mode.from_tensor(x, static_shapes=True) if isinstance(x, torch.Tensor) else x)
-        with torch._guards.tracing(torch._guards.TracingContext(fake_mode)):
+        with _torch.tracing(_torch.TracingContext(fake_mode)):
             if self.inner == "aot_eager":
-                from torch._dynamo.backends.debugging import aot_eager
-
-                fn = aot_eager(gm, fakes)
+                fn = _torch.aot_eager(gm, fakes)
             else:
-                from torch._inductor.codecache import PyCodeCache
-                from torch._inductor.compile_fx import compile_fx
-
-                modules = getattr(PyCodeCache, "modules", [])
+                modules = getattr(_torch.PyCodeCache, "modules", [])
                 loaded = len(modules)
-                fn = compile_fx(gm, fakes, config_patches=self.patches)
+                fn = _torch.compile_fx(gm, fakes, config_patches=self.patches)
                 # the output code modules this compile loaded (none when Inductor's in-process cache
                 # already held them)
                 _remember_output_code(fn, [getattr(m, "__file__", None) for m in modules[loaded:]])

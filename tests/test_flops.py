@@ -38,10 +38,10 @@ def test_full_variant_flops_equal_flop_counter_on_plain_model(family):
     runner = _runner(fast)
     full = variant_flops(runner, full_key(runner))
     assert full == count_flops(model, **kw) == _stock_flops(model, kw)
-    # stock FlopCounterMode misses CPU's fused attention kernel; ours counts it like the CUDA ones
+    # stock FlopCounterMode before torch 2.15 misses CPU's fused attention kernel; ours counts it like the CUDA ones
     with FlopCounterMode(display=False) as stock_cpu:
         model(**kw)
-    assert 0 < stock_cpu.get_total_flops() < full
+    assert 0 < stock_cpu.get_total_flops() <= full       # torch 2.15 counts that kernel too: equal there
 
 
 def test_stats_flops_match_variant_flops_times_calls():

@@ -61,6 +61,27 @@ def test_inductor_method_variants_equal_oracle(family, config):
         assert len(sized) == 2 and len({runner.pattern(k) for k in sized}) == 1       # 2 k, 1 compile
 
 
+# DuCa with a step-dependent ratio: F C A F C over 5 steps, the two C steps at different k
+_DUCA_TWO_K = duca_compile.DuCaConfig(interval=3, ratio=0.5, ratio_schedule=duca_compile.RatioSchedule(step_weight=0.9))
+
+
+@pytest.mark.smoke
+@pytest.mark.parametrize("family", ["dit", "flux"])
+def test_inductor_duca_one_subset_compile_serves_two_k(family):
+    """The private surface end to end (fake inputs, a shape environment with symbolic k, a
+    tracing context, compile_fx): DuCa through Inductor equals the oracle at every step, and one
+    SUBSET compile runs two k. Runs in CI under the oldest and newest supported torch too."""
+    model, fast = compile_tiny(family, _DUCA_TWO_K, inner="inductor")
+    with duca_compile.sampling(fast, num_steps=5):
+        modes = run_against_oracle(family, model, fast, timesteps(5), atol=1e-4)
+    assert modes == ["full", "subset", "skip", "full", "subset"]
+    runner, piece = state_of(fast).graphs()[0]
+    sized = [k for k in piece.variant_calls if runner.pattern(k) != k]
+    assert len(sized) == 2 and len({runner.pattern(k) for k in sized}) == 1 and runner.compiles == 3
+    s = duca_compile.stats(fast)
+    assert s["cache_hits"] > 0 and s["fallbacks"] == {} and s["flop_ratio"] < 1
+
+
 def test_inductor_two_instances_one_backend_and_a_batch_change():
     """Two models behind one Inductor-compiled backend, compiled without dynamic=False and then
     given another batch size (Dynamo goes dynamic; duca specialises per shape): every call equals
@@ -105,6 +126,7 @@ print(json.dumps({"variants": duca_compile.stats(fast, flops=False)["variants_co
 """
 
 
+@pytest.mark.smoke
 def test_warm_starts_load_every_variant_from_inductors_caches(tmp_path):
     """A second process with the same cache directory, and one that loads the artifacts saved by
     torch.compiler.save_cache_artifacts() into an empty one, compile no variant again."""

@@ -277,6 +277,7 @@ def test_torchao_int8_weight_only_under_inductor_and_its_dump(tmp_path):
 
 # -- looking inside ---------------------------------------------------------------------------------
 
+@pytest.mark.smoke
 def test_dump_writes_each_variants_graph_and_dynamos_code(tmp_path):
     model, fast = compile_tiny("dit", DuCaConfig(interval=3, ratio=0.5))
     run_against_oracle("dit", model, fast, timesteps(4))              # F C A F: FULL, SUBSET, SKIP

@@ -50,6 +50,7 @@ def bare_backend_eager(monkeypatch):
     monkeypatch.setattr(backend, "_DEFAULT", backend.DuCaBackend(inner="eager"))
 
 
+@pytest.mark.smoke
 @pytest.mark.parametrize("form", ["bare", "name", "shared", "module.compile"])
 def test_two_instances_behind_one_backend_keep_their_own_state(form, request):
     if form == "bare":

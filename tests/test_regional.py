@@ -224,6 +224,7 @@ def test_a_graph_break_at_the_top_of_each_block_caches_the_resumed_block(monkeyp
     assert set(s["block_hits"]) == {"transformer_blocks.0", "transformer_blocks.1"}
 
 
+@pytest.mark.smoke
 def test_two_models_behind_one_block_backend_keep_their_own_caches():
     """Two instances of one class, blocks compiled by one backend object (so Dynamo serves both
     through the same block graphs), called in turns: each gives what it gives alone."""

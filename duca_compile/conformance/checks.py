@@ -91,8 +91,9 @@ def _output(out):
 
 
 def _graph_counters():
-    from torch._dynamo.utils import counters
+    from .. import _torch
 
+    counters = _torch.dynamo_counters
     counters.clear()
     return counters
 
@@ -228,14 +229,14 @@ def check(family: str) -> Report:
     with torch.no_grad():
         model = make_model(family)
         report.expected = _expected_sites(model, exp)
-        torch._dynamo.reset()
+        torch.compiler.reset()
         if not exp.sites:
             _uncached(report, family, model, exp)
         else:
             _scripted(report, family, model, exp)
-            torch._dynamo.reset()
+            torch.compiler.reset()
             _duca(report, family, model, exp)
-        torch._dynamo.reset()
+        torch.compiler.reset()
     return report
 
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .. import _torch
 from ..backend import duca_backend
 from ..policies import CacheConfig, DuCaConfig
 from ..policies.presets import presets
@@ -76,7 +77,7 @@ class _Enabled:
     backend: _PipelineBackend
     swapped_out: torch.nn.Module | None         # pipe.transformer before enable, when it was torch.compile'd
     previous_compiled_call: object
-    blocks: list = field(default_factory=list)   # regional: (block, its _compiled_call_impl before enable)
+    blocks: list = field(default_factory=list)   # regional: (block, its compiled call before enable)
     patches: list = field(default_factory=list)  # (object, attribute name, had own attribute, previous value)
 
 
@@ -109,7 +110,7 @@ def enable(pipe, config: CacheConfig | str | tuple | None = None, *, inner: str 
     if not (callable(getattr(scheduler, "set_timesteps", None)) and callable(getattr(scheduler, "step", None))):
         raise ValueError(f"duca_compile.enable needs `pipe.scheduler` with set_timesteps() and step(); "
                          f"got {type(scheduler).__name__}")
-    base = getattr(transformer, "_orig_mod", transformer)       # an already torch.compile'd transformer
+    base = _torch.original_module(transformer)       # an already torch.compile'd transformer
     if not isinstance(base, torch.nn.Module) or next(base.parameters(), None) is None:
         raise ValueError("duca_compile.enable: pipe.transformer has no parameters")
     _check_offload(base)
@@ -124,7 +125,7 @@ def enable(pipe, config: CacheConfig | str | tuple | None = None, *, inner: str 
             return pipe                          # already enabled exactly so: never wrap twice
         disable(pipe)
         transformer = pipe.transformer
-        base = getattr(transformer, "_orig_mod", transformer)
+        base = _torch.original_module(transformer)
     for obj, name in ((scheduler, "set_timesteps"), (scheduler, "step"), (base, "cache_context")):
         if getattr(getattr(obj, name, None), _MARK, None) is not None:
             raise ValueError(f"duca_compile.enable: this pipeline's {type(obj).__name__} is already patched by "
@@ -136,7 +137,7 @@ def enable(pipe, config: CacheConfig | str | tuple | None = None, *, inner: str 
         _BACKENDS[base] = backend
     record = _Enabled(key=key, transformer=base, backend=backend,
                       swapped_out=transformer if transformer is not base else None,
-                      previous_compiled_call=base.__dict__.get("_compiled_call_impl"))
+                      previous_compiled_call=_torch.compiled_call(base))
     try:
         if record.swapped_out is not None:
             pipe.transformer = base
@@ -146,13 +147,13 @@ def enable(pipe, config: CacheConfig | str | tuple | None = None, *, inner: str 
         # cache_context patch below sits on the object the pipeline calls, and disable() only has to
         # drop _compiled_call_impl. All four tiny pipelines (DiT, PixArt, Flux, SD3) run either way.
         if regional:
-            base.__dict__["_compiled_call_impl"] = None          # the blocks are compiled, not the whole
+            _torch.set_compiled_call(base, None)          # the blocks are compiled, not the whole
             blocks = repeated_blocks(base)
             if not blocks:
                 raise ValueError(f"duca_compile.enable(regional=True): {type(base).__name__} has no repeated blocks "
                                  "(no `_repeated_blocks`, and no block list whose blocks own an attention module)")
             for block in blocks:
-                record.blocks.append((block, block.__dict__.get("_compiled_call_impl")))
+                record.blocks.append((block, _torch.compiled_call(block)))
                 block.compile(backend=backend, fullgraph=fullgraph, dynamic=False)
         else:
             base.compile(backend=backend, fullgraph=fullgraph, dynamic=False)
@@ -198,9 +199,9 @@ def _undo(pipe, record: _Enabled) -> None:
         else:
             obj.__dict__.pop(name, None)
     record.patches.clear()
-    record.transformer.__dict__["_compiled_call_impl"] = record.previous_compiled_call
+    _torch.set_compiled_call(record.transformer, record.previous_compiled_call)
     for block, previous in record.blocks:
-        block.__dict__["_compiled_call_impl"] = previous
+        _torch.set_compiled_call(block, previous)
     record.blocks.clear()
     if record.swapped_out is not None:
         pipe.transformer = record.swapped_out

@@ -8,8 +8,8 @@ marked as static inputs, like parameters, so CUDA-graph trees neither copy nor s
 from __future__ import annotations
 
 import torch.fx as fx
-from torch._dynamo.source import ConstantSource
 
+from .. import _torch
 from .layout import VariantContext
 
 __all__ = ["add_cache_inputs"]
@@ -20,7 +20,7 @@ def _placeholder(ctx: VariantContext, name: str, shape, dtype, device, static: b
     last = [n for n in graph.nodes if n.op == "placeholder"][-1]
     with graph.inserting_after(last):
         node = graph.placeholder(name)
-    node._dynamo_source = ConstantSource(name)
+    _torch.set_source_name(node, name)
     if static:
         node.meta["tensor_dict"] = {"_dynamo_static_input_type": "unguarded"}
     if ctx.fake_mode is not None:

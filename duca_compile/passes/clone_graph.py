@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import torch.fx as fx
 
+from .. import _torch
+
 __all__ = ["clone_graph"]
 
 
@@ -16,10 +18,8 @@ def clone_graph(gm: fx.GraphModule) -> fx.GraphModule:
     out = graph.graph_copy(gm.graph, env)
     graph.output(out)
     for old, new in env.items():
-        if hasattr(old, "_dynamo_source"):
-            new._dynamo_source = old._dynamo_source
+        _torch.copy_node_source(old, new)
     clone = fx.GraphModule(gm, graph)
     clone.meta = dict(getattr(gm, "meta", {}))
-    if hasattr(gm, "_param_name_to_source"):
-        clone._param_name_to_source = gm._param_name_to_source
+    _torch.copy_graph_sources(gm, clone)
     return clone

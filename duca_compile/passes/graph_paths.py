@@ -7,6 +7,8 @@ import re
 import torch
 import torch.fx as fx
 
+from .. import _torch
+
 __all__ = ["module_path", "block_path", "source_name", "is_sdpa", "is_collective", "reaches", "branch_region",
            "ancestors_in_block", "token_count", "child_class", "graph_fake_mode", "timestep_input", "SDPA_TARGETS",
            "TIMESTEP_NAMES", "ONE_BLOCK", "as_one_block"]
@@ -95,11 +97,7 @@ def child_class(node: fx.Node, child_path: str) -> str:
 
 def source_name(node: fx.Node) -> str:
     """Dynamo's name for a placeholder's source, e.g. ``L['timestep']`` (the node name if none)."""
-    src = getattr(node, "_dynamo_source", None)
-    try:
-        return src.name() if callable(getattr(src, "name", None)) else str(src.name if src else node.name)
-    except Exception:  # noqa: BLE001 - a source without a name is just not a match
-        return node.name
+    return _torch.source_name(node)
 
 
 def is_collective(node: fx.Node, name: str = "") -> bool:
@@ -161,7 +159,7 @@ def graph_fake_mode(values):
     """The fake mode of the first fake tensor among ``values`` (Dynamo's example values carry their
     own mode, which is not the one the backend's tracing context reports)."""
     for v in values:
-        if isinstance(v, torch._subclasses.FakeTensor):
+        if isinstance(v, _torch.FakeTensor):
             return v.fake_mode
     return None
 

@@ -18,6 +18,8 @@ import operator
 import torch
 import torch.fx as fx
 
+from .. import _torch
+
 __all__ = ["remove_dead_code"]
 
 # Ops whose result may share storage with their first input.
@@ -38,7 +40,7 @@ def _mutated(n: fx.Node) -> fx.Node | None:
         return None
     if n.target is operator.setitem:
         return n.args[0]
-    if isinstance(n.target, torch._ops.OpOverload):
+    if isinstance(n.target, _torch.OpOverload):
         return n.args[0] if n.target._schema.is_mutable else None
     name = _name(n)
     return n.args[0] if name.endswith("_") and not name.startswith("_") else None

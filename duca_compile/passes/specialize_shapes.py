@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import torch
 import torch.fx as fx
-from torch._subclasses.fake_tensor import FakeTensorMode
 
+from .. import _torch
 from .clone_graph import clone_graph
 
 __all__ = ["specialize_shapes", "is_dynamic"]
@@ -26,7 +26,7 @@ def is_dynamic(example_inputs) -> bool:
 
 
 class _RecordStatic(fx.Interpreter):
-    def __init__(self, gm: fx.GraphModule, mode: FakeTensorMode):
+    def __init__(self, gm: fx.GraphModule, mode):
         super().__init__(gm)
         self.mode = mode
 
@@ -42,5 +42,5 @@ def specialize_shapes(gm: fx.GraphModule, args) -> fx.GraphModule:
     of a call, Python ints for the symbolic sizes) give it; those inputs stay placeholders."""
     clone = clone_graph(gm)
     with torch.no_grad():
-        _RecordStatic(clone, FakeTensorMode(allow_non_fake_inputs=True)).run(*args)
+        _RecordStatic(clone, _torch.FakeTensorMode(allow_non_fake_inputs=True)).run(*args)
     return clone

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
+from ..fallbacks import Fallback
 from .find_sites import SiteMap
 from .graph_paths import graph_fake_mode
 from .layout import VariantContext, half_key, order_key
@@ -58,17 +59,22 @@ def subset_branches(ctx: VariantContext) -> None:
                                   and u is not updated and u is not result)
 
 
-def probe_subsets(gm: fx.GraphModule, sitemap: SiteMap, parallel_blocks: bool = True) -> None:
+def probe_subsets(gm: fx.GraphModule, sitemap: SiteMap, parallel_blocks: bool = True) -> list[Fallback]:
     """Try each token-wise site's SUBSET copy on fake values; a site whose branch cannot run on k
     tokens (a reshape by the token count, an operand that cannot be gathered) is marked reused.
     ``parallel_blocks=False`` (a method that never runs them on k tokens) marks every parallel block
-    reused, so that no attention half is cached for nothing."""
+    reused, so that no attention half is cached for nothing. Returns a fallback per failed dry run.
+
+    Only the errors that mean "this branch cannot run on k tokens" are caught: duca's own
+    ValueError (a reshape it cannot follow) and RuntimeError (a shape error on fake tensors);
+    anything else (a new torch's AttributeError, say) propagates."""
     from .clone_graph import clone_graph
 
     scratch = clone_graph(gm)
     graph = scratch.graph
     nodes = {n.name: n for n in graph.nodes}
     anchor = next(n for n in graph.nodes if n.op != "placeholder")
+    failed = []
 
     def placeholder(like: torch.Tensor, shape, dtype) -> fx.Node:
         with graph.inserting_before(anchor):
@@ -93,5 +99,7 @@ def probe_subsets(gm: fx.GraphModule, sitemap: SiteMap, parallel_blocks: bool = 
         try:
             with graph.inserting_before(raw.next):
                 copy_on_tokens(graph, raw, source, idx, halves)
-        except Exception as e:  # noqa: BLE001 - any failure means "not token-wise here"
+        except (ValueError, RuntimeError) as e:
             site.subset_reason = f"the branch does not run on a subset of tokens ({type(e).__name__}: {e})"[:200]
+            failed.append(Fallback("subset_reused", site.name, site.subset_reason))
+    return failed

@@ -15,6 +15,7 @@ import operator
 import torch
 import torch.fx as fx
 
+from .. import _torch
 from .graph_paths import branch_region, graph_fake_mode, is_collective, is_sdpa
 
 __all__ = ["copy_on_tokens", "emit", "example_value"]
@@ -68,7 +69,7 @@ def _evaluate(node: fx.Node) -> None:
     args = fx.node.map_arg(node.args, example_value)
     kwargs = fx.node.map_arg(node.kwargs, example_value)
     fake_mode = graph_fake_mode(example_value(a) for a in node.all_input_nodes)
-    with fake_mode if fake_mode is not None else torch._subclasses.FakeTensorMode(allow_non_fake_inputs=True):
+    with fake_mode if fake_mode is not None else _torch.FakeTensorMode(allow_non_fake_inputs=True):
         if node.op == "call_method":
             value = getattr(args[0], node.target)(*args[1:], **kwargs)
         else:
