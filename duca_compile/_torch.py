@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 __all__ = ["SURFACE", "TESTED_TORCH", "MissingTorchAPI", "Private", "check_surface", "torch_version",
-           "in_tested_range", "warn_if_untested", "original_module", "compiled_call", "set_compiled_call",
+           "in_tested_range", "warn_if_untested", "backend_known", "original_module", "compiled_call", "set_compiled_call",
            "compile_callback", "source_name", "set_source_name", "copy_node_source", "copy_graph_sources", "compiling_frame_locals", "unlimited_recompiles"]
 
 # The torch releases the whole test suite passed on (oldest, newest); CI runs a smoke subset on both
@@ -170,6 +170,12 @@ def unlimited_recompiles():
 
 
 # -- private attributes of torch objects ------------------------------------------------------
+
+def backend_known(name: str) -> bool:
+    """Whether Dynamo's backend registry has ``name`` (registered, or listed from an entry point)."""
+    registry = __getattr__("backend_registry")
+    return name in getattr(registry, "_BACKENDS", {}) or name in getattr(registry, "_COMPILER_FNS", {})
+
 
 def original_module(model):
     """The module ``torch.compile(module)`` wrapped (``OptimizedModule._orig_mod``), else ``model``."""

@@ -213,9 +213,7 @@ def _register_name() -> None:
     """``backend="duca"``: torch finds the name through the package's entry point, which imports this
     module and then registers it itself; register here only when torch knows no such name yet
     (the package run from a source tree without ``pip install``)."""
-    registry = _torch.backend_registry
-    known = getattr(registry, "_BACKENDS", {})
-    if "duca" not in known and "duca" not in getattr(registry, "_COMPILER_FNS", {}):
+    if not _torch.backend_known("duca"):
         try:
             from importlib.metadata import entry_points
 
@@ -223,7 +221,7 @@ def _register_name() -> None:
                 return                         # torch will load it through the entry point
         except (OSError, ValueError):          # metadata unreadable: register by hand below
             pass
-        registry.register_backend(duca_backend, name="duca")
+        _torch.backend_registry.register_backend(duca_backend, name="duca")
 
 
 

@@ -30,6 +30,8 @@ _PENDING: dict[int, tuple[weakref.ref, object, "_Sampling"]] = {}
 # A request's steps do not jump: a timestep moving on by more than this many times the largest step
 # so far starts a new request (an early-stopped request followed by an img2img one, say).
 JUMP_FACTOR = 4.0
+# Context parallelism under torch 2.11 differs (see the warning in state_for); tested from this one.
+CONTEXT_PARALLEL_TORCH = (2, 13)
 
 
 def timestep_value(t) -> float:
@@ -231,6 +233,11 @@ def state_for(owner: owners.Owner, settings, on_new=None) -> ModelState:
         module = owner.module() if owner.module is not None else None
         rank, world, group = context_parallel(module)
         st.seed_offset, st.selector.world, st.selector.group = rank, world, group
+        if world > 1 and _torch.torch_version() < CONTEXT_PARALLEL_TORCH:
+            st.warn_once("cp-torch", f"duca: context parallelism is tested on torch >= {CONTEXT_PARALLEL_TORCH[0]}."
+                         f"{CONTEXT_PARALLEL_TORCH[1]}; on torch {torch.__version__} Dynamo recompiles other models "
+                         "of the process once after the first context-parallel call (their next step runs FULL) and "
+                         "the output gather is no functional collective in the graph")
         pending = _PENDING.get(id(module)) if module is not None else None
         if pending is not None and pending[0]() is module and pending[1] in (None, settings):
             st.driver = pending[2]                # a sampling() entered before the first call

@@ -8,7 +8,7 @@ from . import _torch
 
 __all__ = ["TESTED_DIFFUSERS", "TESTED_PYTHON", "warn_if_untested", "version_of", "in_range", "range_text"]
 
-TESTED_DIFFUSERS = ((0, 40), (0, 42))
+TESTED_DIFFUSERS = ((0, 42), (0, 42))
 TESTED_PYTHON = ((3, 11), (3, 12))
 
 

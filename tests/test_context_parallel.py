@@ -13,8 +13,16 @@ import sys
 
 import pytest
 
+from duca_compile import _torch
+from duca_compile.runtime import CONTEXT_PARALLEL_TORCH
+
 FAMILIES = ["flux", "wan", "qwen-image", "ltx-video", "flux2", "flux-ring"]
 pytest.importorskip("transformers")
+if _torch.torch_version() < CONTEXT_PARALLEL_TORCH:
+    # measured on 2.11: the one-process model is recompiled once after the CP model's first call (its
+    # step 1 runs FULL) and the output gather is no functional collective; duca warns there
+    pytest.skip(f"context parallelism is tested on torch >= 2.13 (this is {_torch.torch_version()})",
+                allow_module_level=True)
 
 
 @pytest.fixture(scope="module")

@@ -128,3 +128,19 @@ def test_doctor_reports_versions_api_inductor_and_optional_pieces():
     assert sum(line.startswith("optional") for line in lines) == len(doctor.OPTIONAL)
     result = duca_compile.check(compile=False)
     assert result["torch"]["in_range"] is True and result["inductor"] is None
+
+
+def test_context_parallel_on_a_torch_before_2_13_warns(monkeypatch):
+    from duca_compile import owners, runtime
+    from duca_compile.backend import DuCaBackend
+
+    monkeypatch.setattr(runtime, "context_parallel", lambda module: (0, 2, None))
+    settings = DuCaBackend(inner="eager").settings()[0]
+    monkeypatch.setattr(_torch, "torch_version", lambda version=None: (2, 11))
+    with pytest.warns(UserWarning, match=r"context parallelism is tested on torch >= 2\.13"):
+        runtime.state_for(owners.Owner(), settings)
+    monkeypatch.setattr(_torch, "torch_version", lambda version=None: (2, 13))
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        runtime.state_for(owners.Owner(), settings)
