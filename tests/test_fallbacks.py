@@ -31,6 +31,14 @@ def _fallback_warnings(record, reason):
     return [w for w in record if f"duca fallback [{reason}]" in str(w.message)]
 
 
+def _recording(run):
+    """``run()``'s result and every warning it raised (each one, not once per place)."""
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        result = run()
+    return result, record
+
+
 @pytest.mark.smoke
 def test_a_failed_subset_dry_run_reuses_the_site_warns_counts_and_explains(monkeypatch):
     def cannot(*args, **kwargs):
@@ -38,9 +46,7 @@ def test_a_failed_subset_dry_run_reuses_the_site_warns_counts_and_explains(monke
 
     monkeypatch.setattr(_subset_module, "copy_on_tokens", cannot)
     model, fast = compile_tiny("dit", SUBSET_PLAN)
-    with warnings.catch_warnings(record=True) as record:
-        warnings.simplefilter("always")
-        _run("dit", fast, model)
+    _, record = _recording(lambda: _run("dit", fast, model))
     s = duca_compile.stats(fast, flops=False)
     assert s["fallbacks"] == {"subset_reused": 2}                 # the FF of each of the 2 blocks
     assert len(_fallback_warnings(record, "subset_reused")) == 1   # once per model
@@ -72,9 +78,7 @@ def test_a_plan_compiled_apart_warns_and_counts(monkeypatch):
 
     monkeypatch.setattr(InnerCompiler, "compile_generic", refusing)
     model, fast = compile_tiny("dit", SUBSET_PLAN)
-    with warnings.catch_warnings(record=True) as record:
-        warnings.simplefilter("always")
-        modes = run_against_oracle("dit", model, fast, timesteps(4))
+    modes, record = _recording(lambda: run_against_oracle("dit", model, fast, timesteps(4)))
     assert modes == ["full", "subset", "subset", "reuse"]
     s = duca_compile.stats(fast, flops=False)
     assert s["fallbacks"] == {"plan_compiled_apart": 1}            # one k-tuple, compiled once apart
@@ -132,9 +136,7 @@ def test_without_dynamos_compiling_frame_the_owner_is_found_by_walking_the_stack
         "torch._dynamo.symbolic_convert", "InstructionTranslator.no_such_api", "test", "test"))
     monkeypatch.delattr(_torch, "current_tx", raising=False)       # drop the loaded one
     model, fast = compile_tiny("dit", SUBSET_PLAN)
-    with warnings.catch_warnings(record=True) as record:
-        warnings.simplefilter("always")
-        modes = run_against_oracle("dit", model, fast, timesteps(4))
+    modes, record = _recording(lambda: run_against_oracle("dit", model, fast, timesteps(4)))
     assert modes == ["full", "subset", "subset", "reuse"]
     s = duca_compile.stats(fast, flops=False)
     assert s["fallbacks"] == {"owner_by_frame_walk": 1} and s["cache_hits"] > 0
