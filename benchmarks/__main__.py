@@ -1,4 +1,5 @@
-"""``python -m benchmarks train|fidelity|speed|flops|subset_k|dispatch|compile|plot [--quick] [--device cuda]``
+"""``python -m benchmarks train|fidelity|speed|flops|subset_k|dispatch|compile|plot [--quick] [--device cuda]``,
+``python -m benchmarks gpu --out DIR [--device cuda|cpu] [--tiny] [--sections a,b]``
 
 Results land in ``benchmarks/results/`` as markdown (with the device and versions), JSON and PNG;
 ``--quick`` runs a few-minute version of each on the CPU (its files get a ``_quick`` suffix).
@@ -328,6 +329,19 @@ def replot(args) -> None:
                 _bar_plot(args.out, name)
 
 
+def gpu(args) -> None:
+    """The prepared GPU check: correctness, speed, CUDA graphs, cache-dit peer (benchmarks/gpu.py)."""
+    try:
+        from diffusers.utils import logging as diffusers_logging
+
+        diffusers_logging.set_verbosity_error()      # "modules kept in float32" on every .to(bf16)
+    except ImportError:
+        pass
+    from .gpu import run
+
+    run(args)
+
+
 def main(argv=None) -> None:
     from .train import train_classifier, train_dit
 
@@ -339,6 +353,16 @@ def main(argv=None) -> None:
     redraw = sub.add_parser("plot", help=replot.__doc__.split(" (")[0])
     redraw.add_argument("--out", type=pathlib.Path, default=RESULTS)
     redraw.set_defaults(fn=replot)
+    check = sub.add_parser("gpu", help=gpu.__doc__.strip())
+    check.add_argument("--out", type=pathlib.Path, required=True, help="folder for gpu.md / gpu.json (created)")
+    check.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    check.add_argument("--tiny", action="store_true", help="toy sizes everywhere (minutes on a CPU)")
+    check.add_argument("--sections", help="comma-separated subset of correctness,speed,cudagraphs,peer")
+    check.add_argument("--inner", choices=["inductor", "aot_eager", "eager"],
+                       help="inner compiler (default: inductor; aot_eager for --device cpu --tiny)")
+    check.add_argument("--budget-s", type=float, help="seconds the whole check may take (default: 450 on cuda, "
+                       "no limit on cpu); a section stops starting rows past its share")
+    check.set_defaults(fn=gpu)
     for name, fn in (("fidelity", fidelity), ("speed", speed), ("flops", flops), ("subset_k", subset_k),
                      ("dispatch", dispatch), ("compile", compile_cost)):
         p = sub.add_parser(name, help=(fn.__doc__ or name).strip())

@@ -9,11 +9,12 @@ from .integrations.diffusers import disable, enable
 from .policies.presets import presets
 from .report import explain, stats
 from .runtime import reset, sampling
+from .warmup import precompile
 from .versions import warn_if_untested as _warn_if_untested
 
 __all__ = ["duca_backend", "DuCaBackend", "CacheConfig", "DuCaConfig", "FORAConfig", "ToCaConfig",
            "TaylorSeerConfig", "ClusCaConfig", "CalibratedConfig", "Calibration", "calibrate", "RatioSchedule", "ScriptedConfig", "Mode", "presets",
-           "stats", "explain", "reset", "sampling", "enable", "disable", "dump", "flops_report", "check"]
+           "stats", "explain", "reset", "sampling", "enable", "disable", "precompile", "dump", "flops_report", "check"]
 __version__ = "0.3.0"
 
 _warn_if_untested()

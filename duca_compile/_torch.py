@@ -230,6 +230,20 @@ def copy_graph_sources(old, new) -> None:
         new._param_name_to_source = old._param_name_to_source
 
 
+def view_base(t: torch.Tensor):
+    """The tensor ``t`` is a view of (``Tensor._base``), or None; ``version(t)``: its in-place write
+    counter (``Tensor._version``), shared by a view and its base."""
+    return t._base
+
+
+def version(t: torch.Tensor) -> int | None:
+    """None for an inference tensor: it counts no writes."""
+    try:
+        return t._version
+    except RuntimeError:
+        return None
+
+
 def compiling_frame_locals() -> dict | None:
     """The locals of the frame Dynamo is compiling right now, or None outside a compile."""
     current_tx = __getattr__("current_tx")

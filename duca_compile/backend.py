@@ -27,7 +27,7 @@ from .policies.base import MIN_SUBSET
 from .regional import BlockLookup, BlockRunner, block_graph_key
 from .runner import GraphRunner
 from .runtime import CompiledCallable, StateLookup, TimestepClock, UncachedCall
-from .settings import Settings, _accept_any, check_inductor_settings, inner_compiler
+from .settings import Settings, TensorSpec, _accept_any, check_inductor_settings, inner_compiler
 
 __all__ = ["duca_backend", "DuCaBackend", "Settings", "settings_of"]
 
@@ -162,7 +162,9 @@ class VariantBuilder:
             # and an Inductor compile costs seconds
             return variant.forward, _accept_any, variant
         specs = self.layout.inputs(built if generic else actions)      # the index sizes compiled for
-        extra = [torch.zeros(c.shape, dtype=c.dtype, device=c.device) for c in self.layout.caches]
+        # caches by their metadata only (compiled on fake tensors: no cache-sized allocation while
+        # compiling); the per-call inputs are index and coefficient tensors of a few elements
+        extra = [TensorSpec(tuple(c.shape), c.dtype, torch.device(c.device)) for c in self.layout.caches]
         extra += [torch.zeros(s.shape, dtype=s.dtype, device=s.device) for s in specs]
         first = len(self.example_inputs) + len(self.layout.caches)
         token_inputs = [first + j for j, s in enumerate(specs) if s.kind == "index"] if generic else []

@@ -23,7 +23,7 @@ from .passes import order_key, vnorm_key
 from .passes.layout import cluster_key, last_token_wise
 from .policies import Mode, StepPlan, make_policy
 from .policies.base import effective_mode
-from .runtime import CompiledCallable, timestep_value
+from .runtime import CompiledCallable
 from .policies.taylor_series import TaylorClock
 
 __all__ = ["GraphRunner", "Piece", "SUBSET"]
@@ -210,7 +210,7 @@ class GraphRunner(CompiledCallable):
             st.epoch += 1                      # never mix caches of two shapes
         st.shape_keys[anchor] = shape_key
         i = self.timestep_index
-        tracked = st.advance_piece((lambda: timestep_value(args[i])) if i is not None else None)
+        tracked = st.advance_piece((lambda: st.read_timestep(args[i])) if i is not None else None)
         slot = piece.slot(st.slot, self)
         if not tracked:
             st.stats.fallback_calls += 1

@@ -22,7 +22,7 @@ from .policies import CacheConfig, Mode, StepPlan, make_policy
 from .policies.token_selection import TokenSelector
 
 __all__ = ["ModelState", "PipelineDriver", "Stats", "TimestepTracker", "StateLookup", "TimestepClock", "UncachedCall",
-           "state_of", "states_of", "state_for", "sampling", "reset", "timestep_value"]
+           "TimestepReader", "state_of", "states_of", "state_for", "sampling", "driven", "reset", "timestep_value"]
 
 # id(module) -> (weakref to it, settings or None for any, driver): a sampling() entered before the
 # model's first call; the state that call creates takes the driver over.
@@ -36,8 +36,38 @@ CONTEXT_PARALLEL_TORCH = (2, 13)
 
 def timestep_value(t) -> float:
     """The number marking a call's step: the mean timestep. Per-token timesteps (LTX's conditioning
-    frames stay at 0) still change every step; one scalar device-to-host copy."""
+    frames stay at 0) still change every step; for a tensor on an accelerator, a host sync."""
     return float(t.float().mean()) if isinstance(t, torch.Tensor) else float(t)
+
+
+class TimestepReader:
+    """Reads call timesteps with as few host syncs as it can. A Python number or a CPU tensor costs
+    none. A device tensor that is a view of one already read (``t.expand(batch)`` of an element of
+    ``scheduler.timesteps``, as ``for t in timesteps`` yields) is looked up in the host copy of its
+    base, taken once per base (one sync per request), while that base is alive and unwritten. Any
+    other device tensor is read, one sync. ``syncs`` counts the syncs."""
+
+    free = ("cpu",)        # device types whose tensors the host reads without waiting
+
+    def __init__(self):
+        self.syncs = 0
+        self._base: tuple = (None, -1, None)     # (weakref to the base, its version, its host copy)
+
+    def __call__(self, t) -> float:
+        if not isinstance(t, torch.Tensor) or t.device.type in self.free:
+            return timestep_value(t)
+        base = _torch.view_base(t)
+        version = _torch.version(base) if base is not None else None
+        if version is None or not base.is_contiguous() or base.dtype != t.dtype:
+            self.syncs += 1                    # no base, or one whose writes are not counted
+            return timestep_value(t)
+        ref, seen, host = self._base
+        if ref is None or ref() is not base or seen != version:
+            self.syncs += 1
+            host = base.detach().to("cpu")
+            self._base = (weakref.ref(base), version, host)
+        view = host.as_strided(t.shape, t.stride(), t.storage_offset() - base.storage_offset())
+        return timestep_value(view)
 
 
 @dataclass
@@ -51,10 +81,12 @@ class Stats:
     shape_resets: int = 0        # caches dropped because batch, resolution or dtype changed
     fallback_calls: int = 0      # calls run FULL because no step could be tracked
     uncached_calls: int = 0      # calls a cached model ran plainly (grad mode)
+    host_syncs: int = 0          # device-to-host reads of timesteps (TimestepReader)
     block_hits: Counter = field(default_factory=Counter)   # block -> site outputs it read from a cache
     fallbacks: Counter = field(default_factory=Counter)    # fallbacks.REASONS key -> places it happened
     variants_compiled: int = 0
     compile_seconds: float = 0.0
+    precompile_seconds: float = 0.0      # duca_compile.precompile's wall-clock, in total
 
     def as_dict(self) -> dict:
         d = dict(self.__dict__)
@@ -105,6 +137,8 @@ class ModelState:
         self.policy = make_policy(config)
         self.stats = Stats()
         self.tracker = TimestepTracker()
+        self.timesteps = TimestepReader()
+        self.request_syncs = 0       # host syncs of timestep reads in this request after its first call
         self.epoch = 0               # caches written under another epoch are invalid
         self.step, self.slot = 0, 0
         self.num_steps: int | None = None
@@ -141,6 +175,7 @@ class ModelState:
 
     def new_request(self) -> None:
         self.epoch += 1
+        self.request_syncs = 0
         self.stats.requests += 1
         self.step, self.slot = 0, 0
         self.step_indices = {}
@@ -173,6 +208,20 @@ class ModelState:
         self.step, self.slot = step, slot
         return True
 
+    def read_timestep(self, t) -> float:
+        """A call's timestep value (``TimestepReader``), its host syncs counted in ``stats``."""
+        before = self.timesteps.syncs
+        value = self.timesteps(t)
+        if self.timesteps.syncs > before:
+            self.stats.host_syncs += 1
+            self.request_syncs += 1            # a restart's own read is counted before new_request()
+            if self.request_syncs >= 2:
+                self.warn_once("host-sync", "duca: reading each call's timestep from the device costs a host sync "
+                               "per call (the CPU waits for the GPU before queueing the next step). Pass a view of "
+                               "the scheduler's timesteps (t.expand(batch)), or step the model inside "
+                               "duca_compile.sampling(), or use duca_compile.enable(pipe): none reads it")
+        return value
+
     def advance_piece(self, own_timestep) -> bool:
         """``advance`` for one graph piece: with its own timestep input it advances; otherwise the
         first piece of a model call advances on the timestep a clock piece saw, the rest follow."""
@@ -182,7 +231,7 @@ class ModelState:
             return self.tracked
         else:
             t = self.pending_timestep
-            self.tracked = self.advance(lambda: None if t is None else timestep_value(t))
+            self.tracked = self.advance(lambda: None if t is None else self.read_timestep(t))
         self.advanced_at = self.clock_calls
         return self.tracked
 
@@ -356,7 +405,7 @@ class UncachedCall(CompiledCallable):
         if self.counts_step:
             st.stats.uncached_calls += 1
             i = self.timestep_index
-            st.advance_piece((lambda: timestep_value(args[i])) if i is not None else None)
+            st.advance_piece((lambda: st.read_timestep(args[i])) if i is not None else None)
             st.epoch += 1                       # the cached graphs' caches missed this step
         return self.compiled(*args)
 
@@ -425,17 +474,25 @@ def sampling(model, num_steps: int | None = None, calls_per_step: int = 1):
         with duca_compile.sampling(fast, num_steps=len(scheduler.timesteps)):
             for t in scheduler.timesteps: ...
     """
-    from .backend import settings_of
-
     for name, value in (("calls_per_step", calls_per_step), ("num_steps", num_steps)):
         if value is None and name == "num_steps":
             continue
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"sampling(): {name} must be an int >= 1, got {value!r}")
-    driver, module = _Sampling(num_steps, calls_per_step), _torch.original_module(model)
+    with driven(model, _Sampling(num_steps, calls_per_step), "sampling()") as st:
+        yield st
+
+
+@contextlib.contextmanager
+def driven(model, driver, who: str):
+    """Inside, ``driver.next_call()`` gives each call of ``model`` its (new request?, step, slot,
+    num_steps); leaving drops the caches (the next call starts a new request)."""
+    from .backend import settings_of
+
+    module = _torch.original_module(model)
     st = state_of(model)
     if st is None and not isinstance(module, torch.nn.Module):
-        raise ValueError("sampling() needs the compiled module (or a model already called once)")
+        raise ValueError(f"{who} needs the compiled module (or a model already called once)")
     previous = st.driver if st is not None else None
     if st is not None:
         st.driver = driver

@@ -9,7 +9,8 @@ import torch
 from . import _torch
 from .policies import CacheConfig
 
-__all__ = ["Settings", "INNER_COMPILERS", "OWN_OPTIONS", "OUTPUT_CODE", "check_inductor_settings", "inner_compiler"]
+__all__ = ["Settings", "TensorSpec", "INNER_COMPILERS", "OWN_OPTIONS", "OUTPUT_CODE", "check_inductor_settings",
+           "inner_compiler"]
 
 INNER_COMPILERS = ("inductor", "eager", "aot_eager")
 OWN_OPTIONS = ("config", "inner")          # options keys that are duca's, not Inductor's
@@ -54,11 +55,22 @@ def check_inductor_settings(inner: str, mode, options: dict) -> None:
                          "(Inductor's list_options())")
 
 
+@dataclass(frozen=True)
+class TensorSpec:
+    """An example input known only by its metadata: the compiler gets a fake tensor for it, so a
+    compile allocates no memory for it (caches for FLUX at 1024² are gigabytes)."""
+
+    shape: tuple
+    dtype: torch.dtype
+    device: torch.device
+
+
 class InnerCompiler:
     """Compiles a variant graph with ``inner``. Called as ``compiler(gm, inputs)`` it gives a
     callable for those input shapes; ``compile_generic(gm, inputs, token_inputs)`` one whose inputs at ``token_inputs``
     (SUBSET token indices, [batch, k]) may have any k, with ``accepts(index_tensors)`` saying
-    whether a k-tuple meets what the compiler assumed (k >= 2, say)."""
+    whether a k-tuple meets what the compiler assumed (k >= 2, say). Example inputs may be
+    ``TensorSpec``s."""
 
     def __init__(self, inner: str, mode: str | None, options: dict):
         self.inner = inner
@@ -84,6 +96,9 @@ class InnerCompiler:
                 context = _torch.StatelessSymbolicContext(dynamic_sizes=[_torch.DimDynamic.STATIC, _torch.DimDynamic.DYNAMIC])
                 fakes.append(fake_mode.from_tensor(x, source=_torch.ConstantSource(f"duca_index_{i}"),
                                                    symbolic_context=context))
+            elif isinstance(x, TensorSpec):
+                with fake_mode:
+                    fakes.append(torch.empty(x.shape, dtype=x.dtype, device=x.device))
             else:
                 fakes.append(fake_mode.from_tensor(x, static_shapes=True) if isinstance(x, torch.Tensor) else x)
         with _torch.tracing(_torch.TracingContext(fake_mode)):
