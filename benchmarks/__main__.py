@@ -15,6 +15,9 @@ import warnings
 
 import torch
 
+import duca_compile
+
+from .fidelity import FIDELITY_PRESETS
 from .results_io import RESULTS, environment, get, markdown_table, plot_bars, plot_tradeoff, sample_grid, write
 
 FIDELITY_COLUMNS = {"method": ("method", "{}"), "knob": ("knob", "{}"), "PSNR (dB)": ("psnr", "{:.2f}"),
@@ -72,7 +75,8 @@ def fidelity(args) -> None:
     text += _random_vs_kv_norm(rows) + _front_vs_peers(rows)
     if unavailable:
         text += "\nPeers that could not run on this model:\n\n" + "".join(f"- {k}: {v}\n" for k, v in unavailable.items())
-    path = write(args.out, name, "Fidelity: every method against the uncached sampler", text, rows, environment())
+    path = write(args.out, name, "Fidelity: every method against the uncached sampler", text, rows, environment(),
+                 presets=[f"dit-xl-2:{m}" for m in FIDELITY_PRESETS])
     plot_tradeoff(rows, args.out / f"{name}.png")
     keep = [k for k in drawn if k == "uncached" or "N=3" in k or "preset" in k or k in {p.name for p in peer_list[:4]}]
     sample_grid({k: drawn[k] for k in keep}, labels, args.out / f"samples{_suffix(args.quick)}.png")
@@ -99,7 +103,8 @@ def _heldout(args) -> None:
             f"{setup.guidance}, eager; PSNR against its own uncached run, FLOP speed-up (no wall-clock: eager). "
             "The calibrated rows use ratios calibrated on this model (one request, other seeds).\n\n"
             + markdown_table(rows, HELDOUT_COLUMNS) + "\n")
-    path = write(args.out, name, f"Fidelity front on a held-out model ({size})", text, rows, environment())
+    path = write(args.out, name, f"Fidelity front on a held-out model ({size})", text, rows, environment(),
+                 presets=[f"dit-xl-2:{m}" for m in FIDELITY_PRESETS])
     plot_tradeoff(rows, args.out / f"{name}.png", x="flop_speedup", xlabel="FLOP speed-up vs uncached")
     print(path.read_text())
 
@@ -171,7 +176,8 @@ def speed(args) -> None:
             f"{peak_rss_mb():.0f} MB); cache MB: duca's feature caches.\n\n"
             + markdown_table(rows, SPEED_COLUMNS) + "\n")
     name = "speed" + _suffix(args.quick)
-    path = write(args.out, name, "Speed per model size", text, rows, environment(args.device))
+    used = [f"{SIZES[s].registry}:{m}" for s in sizes for m in methods if m in duca_compile.presets()[SIZES[s].registry]]
+    path = write(args.out, name, "Speed per model size", text, rows, environment(args.device), presets=used)
     plot(rows, args.out / f"{name}.png")
     print(path.read_text())
 
@@ -209,7 +215,7 @@ def flops(args) -> None:
     table = flops_table(models, batch=2)
     path = write(args.out, "flops" + _suffix(args.quick), "FLOPs per method on full-size models (meta device, batch 2)",
                  "FLOP speed-up over the uncached model (FLOP ratio), one request, the presets.\n\n" + table, [],
-                 environment())
+                 environment(), presets=[f"{m}:{meth}" for m in models for meth in duca_compile.presets().get(m, ())])
     print(path.read_text())
 
 
@@ -251,7 +257,8 @@ def dispatch(args) -> None:
             "the model call as the sampler sees it; variant: the compiled variant alone; host: the rest "
             "(Dynamo's frame guards and duca's runner), medians per mode.\n\n" + markdown_table(rows, columns) + "\n")
     name = "dispatch" + _suffix(args.quick)
-    path = write(args.out, name, "Dispatch: variant time against host time per call", text, rows, environment())
+    path = write(args.out, name, "Dispatch: variant time against host time per call", text, rows, environment(),
+                 presets=[f"dit-xl-2:{m}" for m in methods])
     _bar_plot(args.out, name)
     print(path.read_text())
 
@@ -282,7 +289,8 @@ def compile_cost(args) -> None:
             "whole model, `<preset> regional` each block (`compile_repeated_blocks(backend=duca)`); variants: "
             "duca's compiles over every block graph.\n\n"
             + markdown_table(rows, columns) + "\n")
-    path = write(args.out, name, "Compile cost, cold and warm", text, rows, environment())
+    path = write(args.out, name, "Compile cost, cold and warm", text, rows, environment(),
+                 presets=[f"dit-xl-2:{r.method.split()[0]}" for r in rows if not r.method.startswith("plain")])
     _bar_plot(args.out, name)
     print(path.read_text())
 

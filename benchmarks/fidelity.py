@@ -54,6 +54,10 @@ TAYLORSEER_FRONT = ((3, 6, 1, "official"), (4, 6, 2, "official"), (4, 6, 1, "dif
 CALIBRATED_FRONT = ((0.06, 2, 0.12, 1), (0.12, 3, 0.12, 1), (0.2, 3, 0.12, 1), (0.3, 4, 0.12, 1), (0.12, 4, 0.2, 0))
 
 
+# The dit-xl-2 presets duca_methods builds rows from (stored as fingerprints with the results).
+FIDELITY_PRESETS = ("toca", "duca", "duca-v1", "taylorseer", "clusca")
+
+
 def duca_methods(setup: Setup, calibration=None) -> list[tuple[str, str, object]]:
     """(method, knob, config): FORA N; ToCa; DuCa v2 (random) and v1 (kv-norm) N; TaylorSeer; ClusCa;
     then the front sweeps ``setup.front`` names (``calibration``: the ``Calibration`` the calibrated

@@ -1,23 +1,69 @@
-"""Writing benchmark results under ``benchmarks/results/``: markdown tables (with the device and
-versions they were measured on), JSON, and PNG plots."""
+"""Writing benchmark results under ``benchmarks/results/``: markdown tables (with the device,
+versions, commit and date they were measured on, and a fingerprint of each preset they used),
+JSON, and PNG plots."""
 from __future__ import annotations
 
 import dataclasses
+import datetime
+import hashlib
 import json
 import pathlib
 import platform
+import subprocess
 
 import torch
 
-__all__ = ["RESULTS", "environment", "get", "markdown_table", "write", "plot_tradeoff", "plot_bars", "sample_grid"]
+__all__ = ["RESULTS", "environment", "get", "preset_fingerprints", "stale_presets", "commit", "markdown_table", "write", "plot_tradeoff", "plot_bars", "sample_grid"]
 
 RESULTS = pathlib.Path(__file__).parent / "results"
+
+
+def commit() -> str:
+    """The checkout's short commit, ``+dirty`` when the code that measures (``duca_compile/``,
+    ``benchmarks/`` outside ``results/``) differs from it; ``unknown`` outside a git checkout."""
+    root = pathlib.Path(__file__).parent.parent
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short=10", "HEAD"], cwd=root, capture_output=True,
+                             text=True, check=True).stdout.strip()
+        changed = subprocess.run(["git", "status", "--porcelain", "--", "duca_compile", "benchmarks",
+                                  ":!benchmarks/results"], cwd=root, capture_output=True, text=True,
+                                 check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return sha + ("+dirty" if changed else "")
+
+
+def preset_fingerprints(names) -> dict[str, str]:
+    """``"model:method"`` -> a hash of that preset's config as the code builds it now. A results
+    file stores these; ``stale_presets`` compares them with the current code, so a table made
+    before a preset changed fails a test instead of misleading a reader."""
+    from duca_compile import presets
+
+    out = {}
+    for name in sorted(set(names)):
+        model, method = name.split(":")
+        out[name] = hashlib.sha256(repr(presets(model, method)).encode()).hexdigest()[:12]
+    return out
+
+
+def stale_presets(recorded: dict[str, str]) -> list[str]:
+    """The presets of ``recorded`` (a results file's ``presets``) whose config has changed since."""
+    stale = []
+    for name, digest in recorded.items():
+        try:
+            now = preset_fingerprints([name])[name]
+        except ValueError:                     # the preset is gone
+            now = None
+        if now != digest:
+            stale.append(name)
+    return stale
 
 
 def environment(device: str = "cpu") -> dict:
     import diffusers
 
-    env = {"device": device, "torch": torch.__version__, "diffusers": diffusers.__version__,
+    env = {"commit": commit(), "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+           "device": device, "torch": torch.__version__, "diffusers": diffusers.__version__,
            "python": platform.python_version(), "cpu": platform.processor() or platform.machine(),
            "threads": torch.get_num_threads()}
     if device == "cuda" and torch.cuda.is_available():
@@ -43,13 +89,17 @@ def markdown_table(rows: list, columns: dict) -> str:
     return "\n".join([head, *body])
 
 
-def write(out: pathlib.Path, name: str, title: str, text: str, data, env: dict) -> pathlib.Path:
+def write(out: pathlib.Path, name: str, title: str, text: str, data, env: dict, presets=()) -> pathlib.Path:
+    """``presets``: the ``"model:method"`` presets the rows used (their fingerprints are stored)."""
     out.mkdir(parents=True, exist_ok=True)
+    fingerprints = preset_fingerprints(presets)
     header = f"# {title}\n\nMeasured on: " + ", ".join(f"{k} {v}" for k, v in env.items()) + "\n\n"
+    if fingerprints:
+        header += "Presets (config fingerprints): " + ", ".join(f"`{k}` {v}" for k, v in fingerprints.items()) + "\n\n"
     path = out / f"{name}.md"
     path.write_text(header + text.rstrip() + "\n")
     (out / f"{name}.json").write_text(json.dumps(
-        {"environment": env, "rows": [dataclasses.asdict(r) if dataclasses.is_dataclass(r) else r for r in data]},
+        {"environment": env, "presets": fingerprints, "rows": [dataclasses.asdict(r) if dataclasses.is_dataclass(r) else r for r in data]},
         indent=1, default=float) + "\n")
     return path
 
