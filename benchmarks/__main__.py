@@ -170,7 +170,7 @@ def speed(args) -> None:
     rows = run(sizes, steps, repeats, methods, inner, progress=_progress())
     memory = "peak allocated CUDA memory" if args.device == "cuda" else "peak resident set of the whole process"
     text = (f"One request per row: batch 2, DDIM steps as listed, no guidance; median of {repeats} after a "
-            f"warm-up request; inner compiler {inner}, each compiled row from an empty Inductor cache. "
+            f"warm-up request, the timed requests round robin over a size's rows; inner compiler {inner}, each compiled row from an empty Inductor cache. "
             f"Compile s: the warm-up request minus a timed one; s / variant: duca's own count per compiled "
             f"variant. Peak MB: {memory} during the timed requests (the run's overall peak: "
             f"{peak_rss_mb():.0f} MB); cache MB: duca's feature caches.\n\n"

@@ -1,7 +1,8 @@
 """``python -m benchmarks speed [--quick] [--device cuda]``: per model size, one sampling request with
 eager, plain ``torch.compile``, duca with FULL every step (the cost of being there) and each preset.
 
-Per row: request wall-clock (median of ``repeats`` after a warm-up request), its ratio to plain
+Per row: request wall-clock (median of ``repeats`` after a warm-up request; the timed requests
+run round robin over the rows), its ratio to plain
 ``torch.compile``, the FLOP ratio and how much of its speed-up the wall-clock realises, compile time
 (the warm-up request minus a timed one; per variant for duca, from a cold Inductor cache per row),
 variants, peak memory during the timed requests and cache memory. The CPU sizes run here; the GPU
@@ -21,7 +22,7 @@ import torch
 import duca_compile
 from duca_compile import ScriptedConfig, presets
 
-from .sampling import request_starter, sample
+from .sampling import sample
 
 __all__ = ["SIZES", "METHODS", "Size", "Row", "run"]
 
@@ -143,17 +144,12 @@ def _peak_mb(device: str) -> float:
         return peak_rss_mb()
 
 
-def _timed(fn, model, batch, steps, device, repeats, before=lambda: None) -> tuple[float, float, float]:
-    """(warm-up seconds, median seconds of the timed requests, peak MB during them)."""
-    times = []
-    for i in range(repeats + 1):
-        before()
-        if i == 1:
-            _reset_peak(device)
-        start = time.perf_counter()
-        _request(fn, model, batch, steps, device)
-        times.append(time.perf_counter() - start)
-    return times[0], statistics.median(times[1:]), _peak_mb(device)
+def _time_request(fn, model, batch, steps, device) -> tuple[float, float]:
+    """(seconds, peak MB) of one request."""
+    _reset_peak(device)
+    start = time.perf_counter()
+    _request(fn, model, batch, steps, device)
+    return time.perf_counter() - start, _peak_mb(device)
 
 
 def _cold(inner: str):
@@ -166,45 +162,80 @@ def _cold(inner: str):
     return fresh_cache()
 
 
+@dataclass
+class _Candidate:
+    name: str
+    fn: object                 # what the sampler calls
+    config: object = None      # duca's config; None: eager or plain torch.compile
+    warm_s: float = 0.0
+    times: list = None
+    peak_mb: float = 0.0
+
+    def request(self, model, batch, steps, device) -> tuple[float, float]:
+        scope = (duca_compile.sampling(self.fn, num_steps=steps) if self.config is not None
+                 else contextlib.nullcontext())
+        with scope:
+            return _time_request(self.fn, model, batch, steps, device)
+
+
 def run(sizes, steps: int, repeats: int, methods=METHODS, inner: str = "inductor", progress=lambda it, **kw: it):
+    """Per size: every row's warm-up request (its compile, from a cold cache), then the timed
+    requests round robin over the rows, so drift in the machine's speed hits every row alike."""
     rows = []
+    limit = torch._dynamo.config.recompile_limit
     for size in progress(list(sizes), desc="sizes"):
         spec = SIZES[size]
         n, device = spec.steps or steps, spec.device
         model = _model(size, device)
-        with torch.no_grad():
-            warm, eager, peak = _timed(model, model, spec.batch, n, device, repeats)
-            rows.append(Row(size, "eager", n, eager, 0.0, None, None, 0.0, None, None, peak, None))
-            torch._dynamo.reset()
-            with _cold(inner):
-                plain = torch.compile(model, fullgraph=True, dynamic=False) if inner == "inductor" else model
-                warm, base, peak = _timed(plain, model, spec.batch, n, device, repeats)
-            rows[-1].vs_compile = base / eager
-            rows.append(Row(size, "torch.compile" if inner == "inductor" else "eager (quick)", n, base, 1.0, None,
-                            None, max(warm - base, 0.0), None, None, peak, None))
-            configs = [("duca FULL only", ScriptedConfig(modes=("full",)))]
-            available = presets()[spec.registry]
-            configs += [(m, presets(spec.registry, m)) for m in methods
-                        if m in available and (spec.methods is None or m in spec.methods)]
-            for name, config in progress(configs, desc=size):
-                with _cold(inner):
-                    rows.append(_duca_row(size, name, config, model, spec.batch, n, device, repeats, inner, base))
+        torch._dynamo.reset()
+        # one Dynamo entry per compiled row on the same forward: keep them all (the default limit is 8)
+        torch._dynamo.config.recompile_limit = 64
+        candidates = [_Candidate("eager", model)]
+        if inner == "inductor":
+            candidates.append(_Candidate("torch.compile", torch.compile(model, fullgraph=True, dynamic=False)))
+        configs = [("duca FULL only", ScriptedConfig(modes=("full",)))]
+        available = presets()[spec.registry]
+        configs += [(m, presets(spec.registry, m)) for m in methods
+                    if m in available and (spec.methods is None or m in spec.methods)]
+        candidates += [_Candidate(name, torch.compile(model, backend=duca_compile.duca_backend(config, inner=inner),
+                                                      fullgraph=True, dynamic=False), config)
+                       for name, config in configs]
+        try:
+            with torch.no_grad():
+                for c in progress(candidates, desc=f"{size} warm-up"):
+                    with _cold(inner) if c.fn is not model else contextlib.nullcontext():
+                        c.warm_s, _ = c.request(model, spec.batch, n, device)
+                    c.times = []
+                for _ in progress(range(repeats), desc=f"{size} timed"):
+                    for c in candidates:
+                        seconds, peak = c.request(model, spec.batch, n, device)
+                        c.times.append(seconds)
+                        c.peak_mb = max(c.peak_mb, peak)
+        finally:
+            torch._dynamo.config.recompile_limit = limit
+        rows += _rows(size, n, candidates)
     return rows
 
 
-def _duca_row(size, name, config, model, batch, steps, device, repeats, inner, base) -> Row:
-    torch._dynamo.reset()
-    fast = torch.compile(model, backend=duca_compile.duca_backend(config, inner=inner), fullgraph=True,
-                         dynamic=False)
-    with request_starter(fast, steps) as before:
-        warm, med, peak = _timed(fast, model, batch, steps, device, repeats, before)
-    s = duca_compile.stats(fast)
-    if name != "duca FULL only" and s["cache_hits"] == 0:
-        raise RuntimeError(f"duca {name}: no cache hit: the method never engaged")
-    speedup = base / med
-    return Row(size, name, steps, med, speedup, s["flop_ratio"], speedup * s["flop_ratio"], max(warm - med, 0.0),
-               s["variants_compiled"], s["compile_seconds"] / max(s["variants_compiled"], 1), peak,
-               s["cache_bytes"] / 2**20)
+def _rows(size, steps, candidates) -> list:
+    med = {c.name: statistics.median(c.times) for c in candidates}
+    base = med.get("torch.compile", med["eager"])
+    out = []
+    for c in candidates:
+        compile_s = max(c.warm_s - med[c.name], 0.0) if c.fn is not candidates[0].fn else 0.0
+        if c.config is None:
+            name = c.name if c.name == "torch.compile" or "torch.compile" in med else "eager (quick)"
+            out.append(Row(size, name, steps, med[c.name], base / med[c.name], None, None, compile_s, None,
+                           None, c.peak_mb, None))
+            continue
+        s = duca_compile.stats(c.fn)
+        if c.name != "duca FULL only" and s["cache_hits"] == 0:
+            raise RuntimeError(f"duca {c.name}: no cache hit: the method never engaged")
+        speedup = base / med[c.name]
+        out.append(Row(size, c.name, steps, med[c.name], speedup, s["flop_ratio"], speedup * s["flop_ratio"],
+                       compile_s, s["variants_compiled"], s["compile_seconds"] / max(s["variants_compiled"], 1),
+                       c.peak_mb, s["cache_bytes"] / 2**20))
+    return out
 
 
 def plot(rows: list, path) -> None:
