@@ -42,8 +42,28 @@ def preset_fingerprints(names) -> dict[str, str]:
     out = {}
     for name in sorted(set(names)):
         model, method = name.split(":")
-        out[name] = hashlib.sha256(repr(presets(model, method)).encode()).hexdigest()[:12]
+        canonical = json.dumps(_explicit(presets(model, method)), sort_keys=True)
+        out[name] = hashlib.sha256(canonical.encode()).hexdigest()[:12]
     return out
+
+
+def _explicit(value):
+    """A config as its class and the fields that differ from the class defaults (nested configs
+    alike): a field added later with a default that keeps the old behaviour leaves the hash as it
+    was; a preset that sets a field differently changes it. A changed class default is a change of
+    the method, not of a preset, and is not caught here."""
+    if dataclasses.is_dataclass(value):
+        fields = {}
+        for f in dataclasses.fields(value):
+            v = getattr(value, f.name)
+            default = (f.default if f.default is not dataclasses.MISSING else f.default_factory()
+                       if f.default_factory is not dataclasses.MISSING else dataclasses.MISSING)
+            if v != default:
+                fields[f.name] = _explicit(v)
+        return [type(value).__name__, fields]
+    if isinstance(value, (tuple, list)):
+        return [_explicit(v) for v in value]
+    return repr(value)
 
 
 def stale_presets(recorded: dict[str, str]) -> list[str]:
