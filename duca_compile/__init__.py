@@ -15,7 +15,7 @@ from .versions import warn_if_untested as _warn_if_untested
 __all__ = ["duca_backend", "DuCaBackend", "CacheConfig", "DuCaConfig", "FORAConfig", "ToCaConfig",
            "TaylorSeerConfig", "ClusCaConfig", "CalibratedConfig", "Calibration", "calibrate", "RatioSchedule", "ScriptedConfig", "Mode", "presets",
            "stats", "explain", "reset", "sampling", "enable", "disable", "precompile", "dump", "flops_report", "check"]
-__version__ = "0.3.0"
+__version__ = "0.4.0"
 
 _warn_if_untested()
 

@@ -77,6 +77,21 @@ def timed(fn, repeats, label: str = ""):
     return result, sorted(times)[len(times) // 2]
 
 
+def timed_round_robin(fns: dict, repeats: int):
+    """name -> (last result, median seconds): the requests run in turns, one of each per round, so
+    a machine that slows down or speeds up mid-run affects every candidate alike."""
+    times = {name: [] for name in fns}
+    results = {}
+    for i in range(repeats):
+        for name, fn in fns.items():
+            print(f"  {name}, request {i + 1}/{repeats} ...", end="", flush=True)
+            start = time.perf_counter()
+            results[name] = fn()
+            times[name].append(time.perf_counter() - start)
+            print(f" {times[name][-1]:.1f} s", flush=True)
+    return {name: (results[name], sorted(t)[len(t) // 2]) for name, t in times.items()}
+
+
 def _psnr(a, b) -> float:
     mse = ((a - b) / 2).pow(2).mean().clamp_min(1e-10)
     return float(10 * torch.log10(1 / mse))
@@ -135,21 +150,21 @@ def main(argv=None):
     with torch.no_grad():
         print(f"{what}, DDIM {args.steps} steps; {config}", flush=True)
         run = lambda m: lambda: sample(m, make_scheduler, args.steps, noise, labels)  # noqa: E731
-        eager, t_eager = timed(run(model), 1, "eager")
         compiles = "one compile" if args.inner == "eager" else "a cold Inductor compile takes ~30 s on 2 cores"
         print(f"warm-up requests: compiling plain {args.inner} and duca's variants ({compiles})", flush=True)
         _, warm_plain = timed(run(plain), 1, f"plain {args.inner} warm-up")
         _, warm_duca = timed(run(fast), 1, "duca warm-up")
         print(f"warm-up (compile) request: plain {args.inner} {warm_plain:.1f} s, duca {warm_duca:.1f} s")
-        ref, t_plain = timed(run(plain), args.repeats, f"plain {args.inner}")
         calls_before = duca_compile.stats(fast)["calls"]
-        out, t_duca = timed(run(fast), args.repeats, "duca")
+        timed_runs = timed_round_robin({"eager": run(model), f"plain {args.inner}": run(plain), "duca": run(fast)},
+                                       args.repeats)
+        (eager, t_eager), (ref, t_plain), (out, t_duca) = timed_runs.values()
 
     stats = duca_compile.stats(fast)
     plan = duca_compile.explain(fast, as_text=False, num_steps=args.steps)[0]["plan"]
     print("step modes: " + " ".join(_LETTERS[s["mode"]] for s in plan)
           + " (F=full, C=conservative SUBSET, A=aggressive SKIP, R=reuse/forecast)")
-    print(f"per request (median of {args.repeats}): eager {t_eager * 1e3:.0f} ms, plain {args.inner} "
+    print(f"per request (median of {args.repeats}, timed in turns): eager {t_eager * 1e3:.0f} ms, plain {args.inner} "
           f"{t_plain * 1e3:.0f} ms, duca {t_duca * 1e3:.0f} ms")
     speedup = t_plain / t_duca
     print(f"speedup vs plain {args.inner}: {speedup:.2f}x; tokens computed: {stats['token_ratio']:.0%} "

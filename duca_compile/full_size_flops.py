@@ -5,7 +5,7 @@ duca backend on that graph and every step's variant is counted (``flops.variant_
 runs, so a 12B-parameter FLUX fits a laptop:
 
     duca_compile.flops_report("dit-xl-2", FORAConfig(interval=3), num_steps=50, batch=2)
-    python -m duca_compile.full_size_flops                     # the README table, model x method
+    python -m duca_compile.full_size_flops                     # the table in docs/flops.md, model x method
 """
 from __future__ import annotations
 

@@ -55,7 +55,7 @@ def test_quick_speed_and_flops_write_their_tables(tmp_path):
 
 
 @pytest.mark.skipif(_torch.torch_version() < CONTEXT_PARALLEL_TORCH,
-                    reason="context parallelism is tested on torch >= 2.13 (README: Versions)")
+                    reason="context parallelism is tested on torch >= 2.13 (docs/compatibility.md)")
 def test_quick_context_parallel_speed_runs_two_ranks_and_counts_their_collectives(tmp_path):
     pytest.importorskip("transformers")
     main(["speed", "--world", "2", "--quick", "--out", str(tmp_path)])

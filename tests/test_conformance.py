@@ -1,5 +1,5 @@
 """Conformance over diffusers' DiT families: one parametrized test per family (the checks live in
-``duca_compile.conformance``), and the README's support matrix must be exactly what they found."""
+``duca_compile.conformance``), and the support matrix in docs/models.md must be exactly what they found."""
 import pathlib
 import re
 
@@ -17,7 +17,7 @@ from duca_compile.models import make_inputs, make_model
 
 from helpers import timesteps
 
-README = pathlib.Path(__file__).parent.parent / "README.md"
+MATRIX = pathlib.Path(__file__).parent.parent / "docs" / "models.md"
 ATOL = 1e-5
 
 
@@ -26,7 +26,7 @@ ATOL = 1e-5
 def test_family_conforms(family):
     r, exp = check(family), EXPECTED[family]
     if not exp.sites:                                    # cannot be cached: runs plainly and says why
-        assert r.plain_vs_eager <= ATOL and r.uncached and r.row() in README.read_text()
+        assert r.plain_vs_eager <= ATOL and r.uncached and r.row() in MATRIX.read_text()
         return
     # traces: fullgraph where diffusers' model allows it; otherwise the breaks fall outside the blocks
     assert (r.graph_breaks == 0 and r.graphs == 1) if exp.fullgraph else r.graph_breaks > 0
@@ -50,12 +50,12 @@ def test_family_conforms(family):
     # DuCa defaults, 2 requests × 8 steps: no recompile (stance), the oracle, hits in every block
     assert r.duca_steps == ("FCAFCAFC" if subset else "FRAFRAFR") and r.duca_vs_oracle <= ATOL
     assert r.blocks_hit == len(r.blocks) > 0 and r.engaged and r.reproducible
-    # the README's matrix row is this result
-    assert r.row() in README.read_text(), "README matrix is stale: python -m duca_compile.conformance --readme README.md"
+    # the docs' matrix row is this result
+    assert r.row() in MATRIX.read_text(), "docs/models.md matrix is stale: python -m duca_compile.conformance --write docs/models.md"
 
 
-def test_readme_matrix_has_one_row_per_family():
-    text = README.read_text()
+def test_docs_matrix_has_one_row_per_family():
+    text = MATRIX.read_text()
     table = text[text.index(MARKERS[0]):text.index(MARKERS[1])]
     rows = [line.split("|")[1].strip() for line in table.splitlines() if line.startswith("| ") and "(`" in line]
     assert [r.split(" ")[0] for r in rows] == list(EXPECTED)

@@ -1,6 +1,6 @@
 """What people combine caching with: partial schedules, offloading, LoRA, torchao quantization, and
 looking inside (``duca_compile.dump``, depyf). Tiny random-init pipelines, eager inner compiler
-unless a test says otherwise; every test writes its row of the README's "Works with" table."""
+unless a test says otherwise; every test writes its row of the "Works with" table in docs/pipelines.md."""
 import os
 import warnings
 
@@ -301,10 +301,10 @@ def test_dump_writes_each_variants_graph_and_dynamos_code(tmp_path):
                "FULL), Dynamo's bytecode as source (depyf), explain.txt")
 
 
-def test_readme_works_with_table_has_a_row_per_combination():
-    from works_with import KEYS, MARKERS, README, table
+def test_works_with_table_has_a_row_per_combination():
+    from works_with import KEYS, MARKERS, PAGE, table
 
-    text = README.read_text()
+    text = PAGE.read_text()
     rows = [line for line in table(text).splitlines() if line.startswith("| ") and not line.startswith("| combination")]
     assert len(rows) == len(KEYS) and text.count(MARKERS[0]) == 1
 

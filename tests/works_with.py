@@ -1,12 +1,12 @@
-"""The README's "Works with" table: one row per combination, written by the test that checks it.
+"""The "Works with" table of docs/pipelines.md: one row per combination, written by the test that checks it.
 
 A test ends with ``works_with(key, combination, result)``, where ``result`` states what it measured
-(calls, hits, errors). Normally that asserts the README row is current; with
+(calls, hits, errors). Normally that asserts the table's row is current; with
 ``DUCA_WORKS_WITH=<dir>`` it writes the row to ``<dir>/<key>.md`` instead, and
 
-    python tests/works_with.py          # reruns those tests and rewrites the table in README.md
+    python tests/works_with.py          # reruns those tests and rewrites the table in docs/pipelines.md
 
-assembles the rows in ``KEYS`` order between the README's markers.
+assembles the rows in ``KEYS`` order between the page's markers.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import subprocess
 import sys
 import tempfile
 
-README = pathlib.Path(__file__).resolve().parent.parent / "README.md"
+PAGE = pathlib.Path(__file__).resolve().parent.parent / "docs" / "pipelines.md"
 MARKERS = ("<!-- works-with:start -->", "<!-- works-with:end -->")
 HEAD = "| combination | what the test measured |\n|---|---|"
 PIPELINE_KEYS = ["dit", "pixart", "flux", "flux-img2img", "sd3", "sd3-heun", "wan", "cogvideox", "ltx-video",
@@ -41,8 +41,8 @@ def works_with(key: str, combination: str, result: str) -> None:
     if out:
         pathlib.Path(out, f"{key}.md").write_text(line + "\n")
         return
-    assert line in table(README.read_text()), \
-        f"README 'Works with' row is stale (python tests/works_with.py rewrites it); this run measured:\n{line}"
+    assert line in table(PAGE.read_text()), \
+        f"docs/pipelines.md 'Works with' row is stale (python tests/works_with.py rewrites it); this run measured:\n{line}"
 
 
 def table(text: str) -> str:
@@ -53,15 +53,15 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as out:
         env = {**os.environ, "DUCA_WORKS_WITH": out}
         subprocess.run([sys.executable, "-m", "pytest", "-q", "-n", "2", *TESTS], env=env, check=True,
-                       cwd=README.parent)
+                       cwd=PAGE.parent.parent)
         missing = [k for k in KEYS if not pathlib.Path(out, f"{k}.md").exists()]
         if missing:
             raise SystemExit(f"no row written for {missing}")
         rows = [pathlib.Path(out, f"{k}.md").read_text().strip() for k in KEYS]
-    text = README.read_text()
+    text = PAGE.read_text()
     start, end = text.index(MARKERS[0]) + len(MARKERS[0]), text.index(MARKERS[1])
-    README.write_text(text[:start] + "\n" + HEAD + "\n" + "\n".join(rows) + "\n" + text[end:])
-    print(f"wrote {len(rows)} rows to {README}")
+    PAGE.write_text(text[:start] + "\n" + HEAD + "\n" + "\n".join(rows) + "\n" + text[end:])
+    print(f"wrote {len(rows)} rows to {PAGE}")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
-"""Conformance over diffusers' DiT families: the checks behind the README's support matrix.
+"""Conformance over diffusers' DiT families: the checks behind the support matrix in ``docs/models.md``.
 
     python -m duca_compile.conformance                      # run every family, print the matrix
-    python -m duca_compile.conformance --readme README.md   # and rewrite it between the markers
+    python -m duca_compile.conformance --write docs/models.md   # and rewrite it between the markers
 """
 from .checks import MARKERS, Report, check, matrix, write_readme
 from .expected import EXPECTED, Expected

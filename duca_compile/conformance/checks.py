@@ -241,7 +241,7 @@ def check(family: str) -> Report:
 
 
 def matrix(reports: list[Report]) -> str:
-    """The README's tables: the issue's families, then the others tried."""
+    """The support matrix (docs/models.md): the issue's families, then the others tried."""
     head = ("| family | sites per block (*subset*: computed on k tokens in SUBSET) | variants verified | "
             "graph breaks | DuCa defaults, 2 requests × 8 steps | notes |\n|---|---|---|---|---|---|")
     core = [r.row() for r in reports if not EXPECTED[r.family].other]

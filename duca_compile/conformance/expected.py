@@ -19,7 +19,7 @@ class Expected:
     the MLP half on k tokens beside cached attention rows); image_tokens: video
     latent tokens (frames × patches); gathers: a SUBSET branch reads a token-aligned operand (rotary
     table, per-token modulation) that is gathered with the tokens; other: a family beyond the
-    twelve the suite was written for (the README's second table)."""
+    twelve the suite was written for (the second table of docs/models.md)."""
 
     sites: dict
     fullgraph: bool = True

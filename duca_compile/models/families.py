@@ -92,7 +92,7 @@ FAMILIES: dict[str, Family] = {
         num_attention_heads=2, attention_head_dim=16, in_channels=4, patch_size=2, sample_size=8, hidden_size=32,
         num_layers=4, cross_attention_dim=24, cross_attention_dim_t5=32, pooled_projection_dim=16, text_len=TEXT_LEN,
         text_len_t5=6), inputs.hunyuan_dit),
-    # beyond the twelve the conformance suite was written for (its README's second table)
+    # beyond the twelve the conformance suite was written for (the second table of docs/models.md)
     "auraflow": Family("AuraFlowTransformer2DModel", dict(
         sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_mmdit_layers=1, num_single_dit_layers=2,
         attention_head_dim=16, num_attention_heads=2, joint_attention_dim=24, caption_projection_dim=32,

@@ -1,7 +1,7 @@
 """The FX rewrites that turn one Dynamo graph into cache-aware variants.
 
 ``VARIANT_PASSES`` is the whole pipeline, in order; each pass is ``fn(ctx) -> None`` and edits
-``ctx.gm`` in place. Invariants every pass keeps are written in ``passes/README.md``.
+``ctx.gm`` in place. Invariants every pass keeps are written in ``docs/architecture.md``.
 """
 from __future__ import annotations
 
