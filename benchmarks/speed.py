@@ -190,9 +190,9 @@ def run(sizes, steps: int, repeats: int, methods=METHODS, inner: str = "inductor
         torch._dynamo.reset()
         # one Dynamo entry per compiled row on the same forward: keep them all (the default limit is 8)
         torch._dynamo.config.recompile_limit = 64
-        candidates = [_Candidate("eager", model)]
-        if inner == "inductor":
-            candidates.append(_Candidate("torch.compile", torch.compile(model, fullgraph=True, dynamic=False)))
+        baseline = (_Candidate("torch.compile", torch.compile(model, fullgraph=True, dynamic=False))
+                    if inner == "inductor" else _Candidate("eager (quick)", model))
+        candidates = [_Candidate("eager", model), baseline]
         configs = [("duca FULL only", ScriptedConfig(modes=("full",)))]
         available = presets()[spec.registry]
         configs += [(m, presets(spec.registry, m)) for m in methods
@@ -218,14 +218,14 @@ def run(sizes, steps: int, repeats: int, methods=METHODS, inner: str = "inductor
 
 
 def _rows(size, steps, candidates) -> list:
+    """``candidates``: eager, the baseline (plain torch.compile), then duca's rows."""
     med = {c.name: statistics.median(c.times) for c in candidates}
-    base = med.get("torch.compile", med["eager"])
+    base = med[candidates[1].name]
     out = []
     for c in candidates:
         compile_s = max(c.warm_s - med[c.name], 0.0) if c.fn is not candidates[0].fn else 0.0
         if c.config is None:
-            name = c.name if c.name == "torch.compile" or "torch.compile" in med else "eager (quick)"
-            out.append(Row(size, name, steps, med[c.name], base / med[c.name], None, None, compile_s, None,
+            out.append(Row(size, c.name, steps, med[c.name], base / med[c.name], None, None, compile_s, None,
                            None, c.peak_mb, None))
             continue
         s = duca_compile.stats(c.fn)

@@ -7,7 +7,7 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
 PAGES = [README, *sorted((ROOT / "docs").glob("*.md")), ROOT / "benchmarks" / "README.md",
-         ROOT / "tests" / "README.md", ROOT / "CHANGELOG.md"]
+         ROOT / "tests" / "README.md", ROOT / "CHANGELOG.md", ROOT / "duca_compile" / "passes" / "README.md"]
 
 # The pipeline quick start loads FLUX.1-dev from the hub and prompts it through its text encoders;
 # here a tiny random Flux pipeline without text encoders stands in (prompt embeddings passed
