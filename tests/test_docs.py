@@ -16,7 +16,7 @@ PIPELINE_STAND_INS = {
     'pipe = FluxPipeline.from_pretrained("black-forest-labs/FLUX.1-dev", torch_dtype=torch.bfloat16).to("cuda")':
         'from duca_compile.models import make_pipeline, pipeline_call_kwargs\npipe = make_pipeline("flux")',
     'image = pipe("a red fox in the snow", num_inference_steps=50).images[0]':
-        'image = pipe(**pipeline_call_kwargs("flux", pipe, num_inference_steps=4)).images[0]',
+        'image = pipe(**{**pipeline_call_kwargs("flux", pipe, num_inference_steps=4), "return_dict": True}).images[0]',
 }
 
 
