@@ -172,7 +172,8 @@ def speed(args) -> None:
     text = (f"One request per row: batch 2, DDIM steps as listed, no guidance; median of {repeats} after a "
             f"warm-up request, the timed requests round robin over a size's rows; inner compiler {inner}, each compiled row from an empty Inductor cache. "
             f"Compile s: the warm-up request minus a timed one; s / variant: duca's own count per compiled "
-            f"variant. Peak MB: {memory} during the timed requests (the run's overall peak: "
+            f"variant. Peak MB: {memory} during the row's timed requests, every row of the size compiled and "
+            f"alive (the run's overall peak: "
             f"{peak_rss_mb():.0f} MB); cache MB: duca's feature caches.\n\n"
             + markdown_table(rows, SPEED_COLUMNS) + "\n")
     name = "speed" + _suffix(args.quick)

@@ -5,7 +5,8 @@ Per row: request wall-clock (median of ``repeats`` after a warm-up request; the 
 run round robin over the rows), its ratio to plain
 ``torch.compile``, the FLOP ratio and how much of its speed-up the wall-clock realises, compile time
 (the warm-up request minus a timed one; per variant for duca, from a cold Inductor cache per row),
-variants, peak memory during the timed requests and cache memory. The CPU sizes run here; the GPU
+variants, peak memory during the timed requests (the process's: every row of a size is alive) and
+cache memory. The CPU sizes run here; the GPU
 sizes (full DiT-XL/2; PixArt-α and FLUX.1-dev at 1024², random weights in bf16, their presets) need
 ``--device cuda`` and a GPU.
 """
