@@ -16,7 +16,7 @@ import contextlib
 import re
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -169,7 +169,7 @@ class _Candidate:
     fn: object                 # what the sampler calls
     config: object = None      # duca's config; None: eager or plain torch.compile
     warm_s: float = 0.0
-    times: list = None
+    times: list = field(default_factory=list)    # the timed requests' seconds
     peak_mb: float = 0.0
 
     def request(self, model, batch, steps, device) -> tuple[float, float]:
@@ -206,7 +206,6 @@ def run(sizes, steps: int, repeats: int, methods=METHODS, inner: str = "inductor
                 for c in progress(candidates, desc=f"{size} warm-up"):
                     with _cold(inner) if c.fn is not model else contextlib.nullcontext():
                         c.warm_s, _ = c.request(model, spec.batch, n, device)
-                    c.times = []
                 for _ in progress(range(repeats), desc=f"{size} timed"):
                     for c in candidates:
                         seconds, peak = c.request(model, spec.batch, n, device)
