@@ -2,7 +2,7 @@
 torch.compile backend."""
 from .backend import DuCaBackend, duca_backend
 from .calibration import Calibration, calibrate
-from .policies import (CacheConfig, CalibratedConfig, ClusCaConfig, DuCaConfig, FORAConfig, Mode, RatioSchedule,
+from .policies import (AdaptiveConfig, CacheConfig, CalibratedConfig, ClusCaConfig, DuCaConfig, FORAConfig, Mode, RatioSchedule,
                        ScriptedConfig, TaylorSeerConfig, ToCaConfig)
 from .dump import dump
 from .integrations.diffusers import disable, enable
@@ -13,7 +13,7 @@ from .warmup import precompile
 from .versions import warn_if_untested as _warn_if_untested
 
 __all__ = ["duca_backend", "DuCaBackend", "CacheConfig", "DuCaConfig", "FORAConfig", "ToCaConfig",
-           "TaylorSeerConfig", "ClusCaConfig", "CalibratedConfig", "Calibration", "calibrate", "RatioSchedule", "ScriptedConfig", "Mode", "presets",
+           "TaylorSeerConfig", "ClusCaConfig", "CalibratedConfig", "AdaptiveConfig", "Calibration", "calibrate", "RatioSchedule", "ScriptedConfig", "Mode", "presets",
            "stats", "explain", "reset", "sampling", "enable", "disable", "precompile", "dump", "flops_report", "check"]
 __version__ = "0.4.0"
 

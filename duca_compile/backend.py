@@ -22,7 +22,9 @@ from .fallbacks import Fallback
 from .passes import CacheLayout, build_variant, find_sites, probe_subsets
 from .passes.graph_paths import graph_fake_mode, source_name as _source_name, timestep_input
 from .passes.specialize_shapes import is_dynamic, specialize_shapes
-from .policies import CacheConfig, DuCaConfig, Mode, make_policy
+from .adaptive import AdaptiveRunner
+from .passes.split_head import split_head
+from .policies import AdaptiveConfig, CacheConfig, DuCaConfig, Mode, make_policy
 from .policies.base import MIN_SUBSET
 from .regional import BlockLookup, BlockRunner, block_graph_key
 from .runner import GraphRunner
@@ -114,6 +116,8 @@ class DuCaBackend:
             # before a graph break, the piece with the timestep tells the block pieces which step it is
             return TimestepClock(resolve, compiled, ts, sitemap.why_empty) if ts is not None else \
                 UncachedCall(resolve, compiled, sitemap.why_empty)
+        if isinstance(settings.config, AdaptiveConfig):
+            return _adaptive(gm, example_inputs, sitemap, settings, compile_variant, resolve, ts, user, fallbacks)
         policy = make_policy(settings.config)
         fallbacks = [*fallbacks, *probe_subsets(
             gm, sitemap, parallel_blocks=Mode.SUBSET in policy.modes() and policy.subsets_parallel_blocks)]
@@ -138,6 +142,28 @@ class DuCaBackend:
                                fallbacks=fallbacks, strided=strided, share_key=(settings, *block_graph_key(gm, examples)))
         return GraphRunner(resolve, settings, sitemap, layout, build, timestep_index=ts, user_indices=user,
                            fallbacks=fallbacks)
+
+
+def _adaptive(gm, example_inputs, sitemap, settings, compile_variant, resolve, ts, user, fallbacks):
+    """The runner of adaptive caching, or a plain compile, wrapped, when the graph cannot be cut
+    after its head blocks (a warning says why)."""
+    config = settings.config
+    why = ""
+    if sitemap.regional:
+        why = ("regional compilation hands the backend one block at a time; adaptive caching needs the "
+               "block stack in one graph (compile the whole transformer)")
+        split = None
+    else:
+        split = split_head(gm, sitemap, config.head_blocks, config.tail_blocks)
+        why = split.why
+    if why:
+        _warn_plain(f"adaptive caching: {why}", settings.inner)
+        return UncachedCall(resolve, compile_variant(gm, example_inputs), f"adaptive caching: {why}")
+    fake_mode = graph_fake_mode(n.meta.get("example_value") for n in gm.graph.nodes) \
+        or _torch.detect_fake_mode(example_inputs)
+    log.info("duca: adaptive caching, head %s, middle %d blocks, tail %s", split.head, len(split.middle), split.tail)
+    return AdaptiveRunner(resolve, settings, sitemap, split, gm, list(example_inputs), fake_mode, compile_variant,
+                          timestep_index=ts, user_indices=user, fallbacks=fallbacks)
 
 
 class VariantBuilder:

@@ -80,6 +80,10 @@ def _fake_inputs(runner, gm: fx.GraphModule, key, fake_mode) -> list:
     pattern's graph was built at other SUBSET sizes), Dynamo's by their ``example_value``."""
     specs = {c.placeholder: c for c in runner.layout.caches}
     specs.update({s.placeholder: s for s in runner.layout.inputs(_actions_of(runner, key)[0])})
+    return _placeholder_fakes(gm, specs, fake_mode)
+
+
+def _placeholder_fakes(gm: fx.GraphModule, specs: dict, fake_mode) -> list:
     out = []
     with fake_mode:
         for node in (n for n in gm.graph.nodes if n.op == "placeholder"):
@@ -114,6 +118,20 @@ def variant_flops(runner, key) -> int:
             with fake_mode:
                 memo[key] = count_flops(gm, *inputs)
     return memo[key]
+
+
+_GRAPH_FLOPS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()    # graph -> FLOPs of one call
+
+
+def graph_flops(gm: fx.GraphModule) -> int:
+    """FLOPs of one call of a graph whose placeholders all carry example values (adaptive caching's
+    three graphs and the graph they were cut from), on fake tensors (memoized)."""
+    if gm not in _GRAPH_FLOPS:
+        fake_mode = _torch.FakeTensorMode(allow_non_fake_inputs=True)
+        inputs = _placeholder_fakes(gm, {}, fake_mode)
+        with fake_mode:
+            _GRAPH_FLOPS[gm] = count_flops(gm, *inputs)
+    return _GRAPH_FLOPS[gm]
 
 
 def _memo(runner) -> tuple[dict, dict]:
@@ -237,7 +255,8 @@ def model_flops(state) -> dict:
     (summed over calls and, for a model split into several graphs, over graphs)."""
     out = {"flops_run": 0, "flops_full": 0, "flops_clustering": 0, "tokens_per_site": Counter()}
     for runner, piece in state.graphs():
-        r = runner_flops(runner, piece.variant_calls, piece.cold_clusterings)
+        r = runner.flops(piece) if hasattr(runner, "flops") else \
+            runner_flops(runner, piece.variant_calls, piece.cold_clusterings)
         state.note_fallbacks(runner.fallbacks)          # counting may have had to go plan by plan
         if piece.names is not None and state.regional is not None:      # a block of a regional model
             r["tokens_per_site"] = {piece.names[k]: v for k, v in r["tokens_per_site"].items()}

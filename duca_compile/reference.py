@@ -17,7 +17,7 @@ import torch
 
 from .policies import Mode
 
-__all__ = ["ReferenceCache"]
+__all__ = ["ReferenceCache", "AdaptiveReference"]
 
 
 def _tuple(out):
@@ -159,3 +159,96 @@ class ReferenceCache:
         actions = {n: "compute" if mode is Mode.FULL else indices[n] if n in indices else "reuse"
                    for n in self.sites}
         return self.run(actions, mode is Mode.SKIP, indices, slot, step, **inputs)
+
+
+class AdaptiveReference:
+    """Adaptive caching (``AdaptiveConfig``) run eagerly with hooks on the unmodified module: the
+    head's last block takes the decision from its latent output minus block 0's latent input; the
+    last middle block's output is, on a cached step, the head's output plus the residual kept at
+    the last computed step (the middle blocks still run here, their result unused). One state per
+    slot; ``new_request`` drops them all."""
+
+    def __init__(self, model: torch.nn.Module, config, blocks: list[str]):
+        from .policies.adaptive import Counters
+
+        self.model, self.config = model, config
+        fn, bn = config.head_blocks, config.tail_blocks
+        self.first, self.head_last, self.middle_last = blocks[0], blocks[fn - 1], blocks[len(blocks) - bn - 1]
+        self.slots: dict[int, dict] = {}
+        self._new_slot = lambda: {"previous": None, "residuals": None, "counters": Counters(), "anchor": None}
+        self.orders = config.forecast_order if config.forecast == "taylorseer" else 0
+        self.decisions: list[tuple[bool, float | None]] = []
+
+    def _anchor(self, s, j, y, step) -> list:
+        """Differences ``[Y, Δ1, ...]`` at a computed step, ``None`` past what history allows
+        (cache-dit's calibrator: only from step 3 on, and where the last anchor had ``Δ^i``)."""
+        terms = [y]
+        if self.orders and s["residuals"] is not None:
+            old = s["residuals"][j]
+            for i in range(self.orders):
+                if step < 3 or old[i] is None:
+                    break
+                terms.append((terms[i] - old[i]) / (step - s["anchor"]))
+        return terms + [None] * (self.orders + 1 - len(terms))
+
+    @staticmethod
+    def _forecast(terms, k):
+        out = 0
+        for i, d in enumerate(terms):
+            if d is None:
+                break
+            out = out + d * (k ** i / math.factorial(i))
+        return out
+
+    @staticmethod
+    def _latent(block_input, outs):
+        return next(o for o in outs if o is not None and o.shape == block_input.shape)
+
+    @torch.no_grad()
+    def run(self, step: int, slot: int = 0, new_request: bool = False, **inputs):
+        from .policies.adaptive import decide, record
+
+        if new_request:
+            self.slots = {}
+        s = self.slots.setdefault(slot, self._new_slot())
+        call: dict = {}
+
+        def block_input(module, args, kwargs):
+            call["input"] = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+
+        def head_output(module, args, out):
+            outs = _tuple(out)
+            r = self._latent(call["input"], outs) - call["input"]
+
+            def read():
+                p = s["previous"].float()
+                return float((r.float() - p).abs().mean() / p.abs().mean())
+
+            fresh = s["previous"] is None
+            compute, diff = decide(self.config, step, fresh, s["counters"], read)
+            record(s["counters"], compute, diff)
+            if compute:
+                s["previous"] = r.clone()
+            call.update(compute=compute, head=[o if o is None else o.clone() for o in outs])
+            self.decisions.append((compute, diff))
+
+        def middle_output(module, args, out):
+            outs = _tuple(out)
+            pairs = [next(i for i, h in enumerate(call["head"]) if h is not None and h.shape == o.shape)
+                     if o is not None else None for o in outs]
+            if call["compute"]:
+                fresh = [None if i is None else o - call["head"][i] for o, i in zip(outs, pairs)]
+                s["residuals"] = [None if y is None else self._anchor(s, j, y, step) for j, y in enumerate(fresh)]
+                s["anchor"] = step
+                return out
+            return _untuple(out, [None if i is None else call["head"][i] + self._forecast(d, step - s["anchor"])
+                                  for i, d in zip(pairs, s["residuals"])])
+
+        handles = [self.model.get_submodule(self.first).register_forward_pre_hook(block_input, with_kwargs=True),
+                   self.model.get_submodule(self.head_last).register_forward_hook(head_output),
+                   self.model.get_submodule(self.middle_last).register_forward_hook(middle_output)]
+        try:
+            return self.model(**inputs)
+        finally:
+            for h in handles:
+                h.remove()

@@ -110,8 +110,9 @@ def explain(model, as_text: bool = True, num_steps: int | None = None):
             "blocks": list(runner.sitemap.blocks),
             "sites": [_site_entry(s) for s in runner.sitemap.sites],
             "stack_outputs": list(runner.sitemap.stack_outputs),
-            "variants": {_variant_name(k): count_ops(g) for k, g in runner.variant_graphs.items()},
-            "plan": _plan(runner, num_steps),
+            "variants": {k if isinstance(k, str) else _variant_name(k): count_ops(g)
+                         for k, g in runner.variant_graphs.items()},
+            "plan": _plan(runner, num_steps) if hasattr(runner, "plan_step") else [],
         })
     if not as_text:
         return graphs

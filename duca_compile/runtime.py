@@ -82,6 +82,7 @@ class Stats:
     fallback_calls: int = 0      # calls run FULL because no step could be tracked
     uncached_calls: int = 0      # calls a cached model ran plainly (grad mode)
     host_syncs: int = 0          # device-to-host reads of timesteps (TimestepReader)
+    decision_reads: int = 0      # device-to-host reads of adaptive decisions (one per step at most)
     block_hits: Counter = field(default_factory=Counter)   # block -> site outputs it read from a cache
     fallbacks: Counter = field(default_factory=Counter)    # fallbacks.REASONS key -> places it happened
     variants_compiled: int = 0

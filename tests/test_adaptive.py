@@ -1,0 +1,328 @@
+"""Adaptive caching (AdaptiveConfig): compiled HEAD / COMPUTE / REUSE graphs against the eager
+oracle, the same decisions as diffusers' FirstBlockCache, one host read per step, no recompiles."""
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+from hypothesis import assume, given, strategies as st
+
+import duca_compile
+from duca_compile import AdaptiveConfig, sampling
+from duca_compile.adaptive import decisions
+from duca_compile.models import make_inputs
+from duca_compile.reference import AdaptiveReference
+from duca_compile.report import count_ops
+from duca_compile.runtime import state_of
+
+from helpers import compile_regional, compile_tiny, timesteps
+
+BLOCKS = {"dit": ["transformer_blocks.0", "transformer_blocks.1"],
+          "pixart": ["transformer_blocks.0", "transformer_blocks.1"],
+          "flux": ["transformer_blocks.0", "single_transformer_blocks.0", "single_transformer_blocks.1"]}
+
+
+def denoise(call, family, model, steps, seed=0, batch=2):
+    """A toy sampler: ``x ← x − 0.05 · model(x, t)``, so each step's input depends on the last
+    output (cached steps change the trajectory, as in a real request). Returns the outputs."""
+    kw = make_inputs(family, model, batch=batch, seed=seed)
+    x, outs = kw.pop("hidden_states"), []
+    kw.pop("timestep")
+    for i, t in enumerate(timesteps(steps)):
+        ts = torch.full((batch,), t)
+        out = call(i, **kw, hidden_states=x, timestep=ts)[0]
+        outs.append(out)
+        x = x - 0.05 * out[:, :x.shape[1]]
+    return outs
+
+
+def marks(flags) -> str:
+    return "".join("C" if f else "." for f in flags)
+
+
+def near_threshold(diffs, threshold, margin=1e-4) -> bool:
+    """A diff this close to the threshold could fall either way under another kernel's rounding."""
+    return any(d is not None and abs(d - threshold) <= margin * max(threshold, 1e-3) for d in diffs)
+
+
+# -- config -----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("field,value", [("head_blocks", 0), ("tail_blocks", -1), ("threshold", -0.1),
+                                         ("threshold", float("nan")), ("warmup", 1.5), ("max_cached_steps", -1),
+                                         ("max_consecutive_cached", 0), ("max_accumulated_diff", "x"),
+                                         ("max_accumulated_diff", 0.0), ("warmup_interval", 0),
+                                         ("forecast", "foca"), ("forecast_order", 3), ("compute_first", 2)])
+def test_bad_fields_raise_naming_the_field(field, value):
+    with pytest.raises(ValueError, match=field):
+        AdaptiveConfig(**{field: value})
+
+
+# -- against the oracle -----------------------------------------------------------------------------
+
+@given(family=st.sampled_from(["dit", "pixart", "flux"]), head=st.integers(1, 2), tail=st.integers(0, 1),
+       threshold=st.floats(0.0, 0.5), warmup=st.integers(0, 3), interval=st.integers(1, 2),
+       max_cached=st.none() | st.integers(0, 4), consecutive=st.none() | st.integers(1, 3),
+       accumulated=st.none() | st.floats(0.05, 2.0), forecast=st.sampled_from(["reuse", "taylorseer"]),
+       order=st.integers(1, 2), batch=st.sampled_from([1, 2]))
+def test_compiled_adaptive_equals_the_oracle(family, head, tail, threshold, warmup, interval, max_cached, consecutive,
+                                             accumulated, forecast, order, batch):
+    blocks = BLOCKS[family]
+    assume(head + tail < len(blocks))
+    torch._dynamo.reset()
+    config = AdaptiveConfig(head_blocks=head, tail_blocks=tail, threshold=threshold, warmup=warmup,
+                            warmup_interval=interval, max_cached_steps=max_cached, max_consecutive_cached=consecutive,
+                            max_accumulated_diff=accumulated, forecast=forecast, forecast_order=order)
+    model, fast = compile_tiny(family, config)
+    oracle = AdaptiveReference(copy.deepcopy(model), config, blocks)
+    got = denoise(lambda i, **kw: fast(**kw), family, model, 8, batch=batch)
+    want = denoise(lambda i, **kw: oracle.run(i, new_request=i == 0, **kw), family, model, 8, batch=batch)
+    made = decisions(fast)
+    assume(not near_threshold([d["diff"] for d in made], threshold))
+    assert marks(d["computed"] for d in made) == marks(c for c, _ in oracle.decisions)
+    for i, (a, b) in enumerate(zip(got, want)):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4, msg=lambda m: f"step {i}: {m}")
+    s = duca_compile.stats(fast, flops=False)
+    cached = sum(not d["computed"] for d in made)
+    assert s["steps"]["skip"] == cached and s["steps"]["full"] == 8 - cached
+    assert (s["cache_hits"] > 0) == (cached > 0)
+
+
+def test_caches_hit_and_flops_drop():
+    """At a threshold above every diff, every step after the first is cached: the middle block's
+    work is gone from the FLOPs, and the REUSE graph runs no attention of the middle blocks."""
+    model, fast = compile_tiny("dit", AdaptiveConfig(threshold=10.0))
+    denoise(lambda i, **kw: fast(**kw), "dit", model, 6)
+    assert marks(d["computed"] for d in decisions(fast)) == "C....."
+    s = duca_compile.stats(fast)
+    assert s["steps"] == {**s["steps"], "full": 1, "skip": 5} and s["cache_hits"] >= 5
+    assert 0.5 < s["flop_ratio"] < 0.75          # 1 of 2 blocks after step 0, plus the prefix
+    graphs = state_of(fast).pieces
+    runner = next(iter(graphs))
+    ops = {name: count_ops(g) for name, g in runner.variant_graphs.items()}
+    assert ops["HEAD"]["sdpa"] == 1 and ops["COMPUTE"]["sdpa"] == 1 and ops["REUSE"]["sdpa"] == 0
+    assert ops["REUSE"]["cache_write"] == 0 and ops["COMPUTE"]["cache_write"] == 1
+
+
+def test_a_threshold_of_zero_computes_every_step_and_equals_the_plain_model():
+    model, fast = compile_tiny("flux", AdaptiveConfig(threshold=0.0))
+    plain = copy.deepcopy(model)
+    got = denoise(lambda i, **kw: fast(**kw), "flux", model, 5)
+    want = denoise(lambda i, **kw: plain(**kw), "flux", model, 5)
+    assert all(d["computed"] for d in decisions(fast))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+# -- the same decisions as diffusers' FirstBlockCache --------------------------------------------------
+
+def _first_block_cache(model, threshold):
+    from diffusers.hooks import FirstBlockCacheConfig, HookRegistry, apply_first_block_cache
+    from diffusers.hooks.hooks import CacheContext
+
+    apply_first_block_cache(model, FirstBlockCacheConfig(threshold=threshold))
+    head = model.get_submodule(BLOCKS_OF[type(model).__name__][0])
+    state = HookRegistry.check_if_exists_or_initialize(head).get_hook("fbc_leader_block_hook").state_manager
+    state.set_context(CacheContext(name="cond"))      # what a pipeline's ``cache_context("cond")`` sets
+    flags = []
+
+    def call(i, **kw):
+        out = model(**kw)
+        flags.append(state.get_state().should_compute)
+        return out
+    return call, flags
+
+
+BLOCKS_OF = {"DiTTransformer2DModel": BLOCKS["dit"], "PixArtTransformer2DModel": BLOCKS["pixart"],
+             "FluxTransformer2DModel": BLOCKS["flux"]}
+
+
+@given(family=st.sampled_from(["dit", "pixart", "flux"]), threshold=st.floats(0.02, 0.4), seed=st.integers(0, 3))
+def test_first_block_cache_computes_the_same_steps(family, threshold, seed):
+    """diffusers' hook computes the rest of the stack iff mean|r − p| / mean|p| > threshold, ``p``
+    the first block's residual at the last computed step; cached steps add the tail residual to
+    the first block's output. Same steps, same outputs."""
+    torch._dynamo.reset()
+    model, fast = compile_tiny(family, AdaptiveConfig(threshold=threshold))
+    peer = copy.deepcopy(model)
+    call, flags = _first_block_cache(peer, threshold)
+    got = denoise(lambda i, **kw: fast(**kw), family, model, 10, seed=seed)
+    want = denoise(call, family, peer, 10, seed=seed)
+    made = decisions(fast)
+    assume(not near_threshold([d["diff"] for d in made], threshold))
+    assert marks(d["computed"] for d in made) == marks(flags)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_first_block_cache_comparison_sees_both_kinds_of_step():
+    """The property above is only worth something where both decisions occur: at these settings
+    the peer caches some steps and computes others."""
+    model, _ = compile_tiny("dit", AdaptiveConfig(threshold=0.15))
+    call, flags = _first_block_cache(copy.deepcopy(model), 0.15)
+    denoise(call, "dit", model, 10)
+    assert 0 < sum(flags[1:]) < 9, marks(flags)
+
+
+# -- the same decisions as cache-dit's DBCache ------------------------------------------------------
+
+def _dbcache(model, head, tail, threshold, warmup, order=None):
+    """cache-dit on a bare transformer: its context persists across calls (refreshed here before
+    the request); which steps it cached is read from the context after each call."""
+    import cache_dit
+    from cache_dit import DBCacheConfig, TaylorSeerCalibratorConfig
+
+    config = DBCacheConfig(Fn_compute_blocks=head, Bn_compute_blocks=tail, residual_diff_threshold=threshold,
+                           max_warmup_steps=warmup)
+    calibrator = TaylorSeerCalibratorConfig(taylorseer_order=order) if order else None
+    cache_dit.enable_cache(model, cache_config=config, calibrator_config=calibrator)
+    cache_dit.refresh_context(model, cache_config=config, calibrator_config=calibrator)
+    flags = []
+
+    def call(i, **kw):
+        out = model(**kw)
+        ctx = model._context_manager.get_context(model._context_names[0])
+        flags.append(ctx.get_current_step() not in ctx.get_cached_steps())
+        return out
+    return call, flags
+
+
+@pytest.mark.parametrize("head,tail,order", [(1, 0, None), (2, 1, None), (1, 0, 1), (1, 1, 2)])
+@given(threshold=st.floats(0.1, 0.5), seed=st.integers(0, 3))
+def test_dbcache_computes_the_same_steps(head, tail, order, threshold, seed):
+    """cache-dit's DBCache on Flux (double and single blocks as one list, as its adapter makes it):
+    F{head}B{tail}, with and without its TaylorSeer calibrator, against AdaptiveConfig with the
+    same settings. cache-dit caches iff diff < threshold, diffusers computes iff diff > threshold:
+    the same but at an exact tie, which the property steers clear of."""
+    pytest.importorskip("cache_dit")
+    torch._dynamo.reset()
+    config = AdaptiveConfig(head_blocks=head, tail_blocks=tail, threshold=threshold, warmup=2,
+                            forecast="taylorseer" if order else "reuse", forecast_order=order or 1)
+    model, fast = compile_tiny("flux", config, single_layers=3)      # 4 blocks: F2B1 leaves one to cache
+    peer = copy.deepcopy(model)
+    call, flags = _dbcache(peer, head, tail, threshold, warmup=2, order=order)
+    got = denoise(lambda i, **kw: fast(**kw), "flux", model, 10, seed=seed)
+    want = denoise(call, "flux", peer, 10, seed=seed)
+    made = decisions(fast)
+    assume(not near_threshold([d["diff"] for d in made], threshold))
+    assert marks(d["computed"] for d in made) == marks(flags)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_dbcache_comparison_sees_both_kinds_of_step():
+    pytest.importorskip("cache_dit")
+    model, _ = compile_tiny("flux", AdaptiveConfig())
+    call, flags = _dbcache(copy.deepcopy(model), 1, 0, 0.35, warmup=2, order=1)
+    denoise(call, "flux", model, 10)
+    assert 0 < sum(flags[2:]) < 8, marks(flags)
+
+
+# -- run time: host reads, recompiles, slots, resets ------------------------------------------------
+
+@pytest.fixture
+def scalar_reads(monkeypatch):
+    reads = []
+    for name in ("item", "tolist", "__float__", "__int__", "__bool__", "__index__"):
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _original=original, _name=name):
+            reads.append(_name)
+            return _original(self, *args)
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    return reads
+
+
+def test_one_host_read_per_decided_step_and_no_recompile_over_three_requests(scalar_reads):
+    """fullgraph=True holds (compile_tiny), Dynamo compiles once, and inside sampling() the only
+    tensor value the host reads is the decision scalar: one per step the threshold decides, none
+    at step 0, in warm-up, or where a limit decides."""
+    config = AdaptiveConfig(threshold=0.15, warmup=2, max_consecutive_cached=1)
+    model, fast = compile_tiny("dit", config)
+    kw = make_inputs("dit", model, batch=2)
+    fast(**kw)                                    # compiles
+    duca_compile.reset(fast)
+    per_request = []
+    with torch.compiler.set_stance("fail_on_recompile"):
+        for r in range(3):
+            before = len(scalar_reads)
+            with sampling(fast, num_steps=8):
+                denoise(lambda i, **k: fast(**k), "dit", model, 8, seed=r)
+            made = decisions(fast)
+            read = sum(d["diff"] is not None for d in made)
+            assert len(scalar_reads) - before == read, (scalar_reads[before:], made)
+            per_request.append(read)
+            # not read: steps 0 and 1 (warm-up) and each step after a cached one (the limit)
+            assert all(d["diff"] is None for d in made[:2])
+            for a, b in zip(made, made[1:]):
+                assert b["diff"] is None or a["computed"]
+    s = duca_compile.stats(fast, flops=False)
+    assert s["decision_reads"] == sum(per_request) and s["variants_compiled"] == 3
+    assert s["steps"]["skip"] > 0
+
+
+def test_separate_cfg_calls_decide_per_branch():
+    """Two calls per step (cond, then uncond) get two cache slots: each compares with its own
+    last computed step, as cache-dit's separate-CFG does."""
+    config = AdaptiveConfig(threshold=0.12)
+    model, fast = compile_tiny("dit", config)
+    oracle = AdaptiveReference(copy.deepcopy(model), config, BLOCKS["dit"])
+    kw = make_inputs("dit", model, batch=1)
+    x = {0: kw["hidden_states"].clone(), 1: kw["hidden_states"].clone() * 0.5}
+    xr = {k: v.clone() for k, v in x.items()}
+    with sampling(fast, num_steps=6, calls_per_step=2):
+        for i in range(6):
+            for branch in (0, 1):
+                args = dict(kw, timestep=torch.full((1,), timesteps(6)[i]))
+                out = fast(**{**args, "hidden_states": x[branch]})[0]
+                ref = oracle.run(i, slot=branch, new_request=i == 0 and branch == 0,
+                                 **{**args, "hidden_states": xr[branch]})[0]
+                torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
+                x[branch], xr[branch] = x[branch] - 0.05 * out[:, :4], xr[branch] - 0.05 * ref[:, :4]
+    made = decisions(fast)
+    assert [d["slot"] for d in made] == [0, 1] * 6
+    assert marks(d["computed"] for d in made) == marks(c for c, _ in oracle.decisions)
+
+
+def test_a_batch_change_mid_request_starts_over():
+    model, fast = compile_tiny("dit", AdaptiveConfig(threshold=10.0))
+    denoise(lambda i, **kw: fast(**kw), "dit", model, 3, batch=2)
+    kw = make_inputs("dit", model, batch=1)
+    fast(**dict(kw, timestep=torch.full((1,), timesteps(3)[2] - 1)))
+    assert decisions(fast)[-1]["computed"] and duca_compile.stats(fast, flops=False)["shape_resets"] == 1
+
+
+# -- what cannot be cut -----------------------------------------------------------------------------
+
+def test_no_block_left_to_cache_warns_and_runs_plainly():
+    with pytest.warns(UserWarning, match="leave no block to cache"):
+        model, fast = compile_tiny("dit", AdaptiveConfig(head_blocks=1, tail_blocks=1))
+        out = fast(**make_inputs("dit", model))[0]
+    torch.testing.assert_close(out, model(**make_inputs("dit", model))[0])
+    assert "leave no block" in " ".join(duca_compile.stats(fast, flops=False)["uncached"])
+
+
+def test_regional_compilation_warns_and_runs_plainly():
+    with pytest.warns(UserWarning, match="needs the block stack in one graph"):
+        twin, model = compile_regional("dit", AdaptiveConfig())
+        kw = make_inputs("dit", twin)
+        torch.testing.assert_close(model(**kw)[0], twin(**kw)[0])
+
+
+# -- Inductor, end to end ---------------------------------------------------------------------------
+
+@pytest.mark.inductor
+def test_inductor_adaptive_equals_the_oracle():
+    config = AdaptiveConfig(threshold=0.45, tail_blocks=1, forecast="taylorseer")
+    model, fast = compile_tiny("flux", config, inner="inductor", single_layers=3)
+    oracle = AdaptiveReference(copy.deepcopy(model), config, [*BLOCKS["flux"], "single_transformer_blocks.2"])
+    got = denoise(lambda i, **kw: fast(**kw), "flux", model, 8)
+    want = denoise(lambda i, **kw: oracle.run(i, new_request=i == 0, **kw), "flux", model, 8)
+    made = decisions(fast)
+    assume_free = not near_threshold([d["diff"] for d in made], config.threshold, margin=1e-3)
+    assert assume_free, made
+    assert marks(d["computed"] for d in made) == marks(c for c, _ in oracle.decisions)
+    assert not all(d["computed"] for d in made), "no step was cached: the test checks nothing"
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=1e-3, rtol=1e-3)   # Inductor reorders float sums
