@@ -306,6 +306,34 @@ _BAR_PLOTS = {   # result name -> (group label, series, y label): drawn by the c
 }
 
 
+ADAPTIVE_COLUMNS = {"method": ("method", "{}"), "knob": ("knob", "{}"), "computed steps": ("computed", "{:.1f}"),
+                    "PSNR (dB)": ("psnr", "{:.2f}"), "FLOP ratio": ("flop_ratio", "{:.1%}"),
+                    "request s": ("seconds", "{:.1f}"), "speed-up vs compile": ("speedup", "{:.2f}x"),
+                    "compile s": ("compile_seconds", "{:.1f}"), "host reads / request": ("host_reads", "{:.0f}")}
+
+
+def adaptive(args) -> None:
+    """adaptive caching vs diffusers FirstBlockCache and cache-dit DBCache at the same settings"""
+    from .adaptive import QUICK, STANDARD, run
+    from .models import load_dit
+
+    if importlib.util.find_spec("cache_dit") is None:
+        raise SystemExit("the adaptive benchmark compares with cache-dit: pip install -e '.[bench]'")
+    setup = QUICK if args.quick else STANDARD
+    rows = run(setup, load_dit(), progress=_progress())
+    name = "adaptive" + _suffix(args.quick)
+    text = (f"The trained digits DiT, DDIM {setup.steps} steps, guidance {setup.guidance}, requests of {setup.batch} "
+            f"samples through {setup.inner}: one warm-up request per row, then {setup.turns} timed turns (one "
+            "request per row per turn); request time: their median. Computed steps: steps whose blocks past "
+            "the head ran, per request. PSNR against the uncached samples. Host reads: duca's decision reads "
+            "(`stats()['decision_reads']`); the peers read the same diff with `.item()` on each step their "
+            "threshold decides (not counted here).\n\n"
+            + markdown_table(rows, ADAPTIVE_COLUMNS) + "\n")
+    path = write(args.out, name, "Adaptive caching against FirstBlockCache and DBCache", text, rows, environment())
+    plot_tradeoff(rows, args.out / f"{name}.png")
+    print(path.read_text())
+
+
 def _bar_plot(out, name: str) -> None:
     import json
 
@@ -373,7 +401,7 @@ def main(argv=None) -> None:
                        "no limit on cpu); a section stops starting rows past its share")
     check.set_defaults(fn=gpu)
     for name, fn in (("fidelity", fidelity), ("speed", speed), ("flops", flops), ("subset_k", subset_k),
-                     ("dispatch", dispatch), ("compile", compile_cost)):
+                     ("dispatch", dispatch), ("compile", compile_cost), ("adaptive", adaptive)):
         p = sub.add_parser(name, help=(fn.__doc__ or name).strip())
         p.add_argument("--quick", action="store_true", help="a few minutes on the CPU")
         p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])

@@ -155,7 +155,7 @@ class AdaptiveRunner(CompiledCallable):
             st.stats.decision_reads += 1
             return float(diff)
 
-        compute, value = decide(self.config, st.step, fresh, slot.counters, read)
+        compute, value = decide(self.config, st.step, fresh, slot.counters, read, st.num_steps)
         record(slot.counters, compute, value)
         name = "COMPUTE" if compute else "REUSE"
         table = []

@@ -205,7 +205,7 @@ class AdaptiveReference:
         return next(o for o in outs if o is not None and o.shape == block_input.shape)
 
     @torch.no_grad()
-    def run(self, step: int, slot: int = 0, new_request: bool = False, **inputs):
+    def run(self, step: int, slot: int = 0, new_request: bool = False, num_steps: int | None = None, **inputs):
         from .policies.adaptive import decide, record
 
         if new_request:
@@ -225,7 +225,7 @@ class AdaptiveReference:
                 return float((r.float() - p).abs().mean() / p.abs().mean())
 
             fresh = s["previous"] is None
-            compute, diff = decide(self.config, step, fresh, s["counters"], read)
+            compute, diff = decide(self.config, step, fresh, s["counters"], read, num_steps)
             record(s["counters"], compute, diff)
             if compute:
                 s["previous"] = r.clone()

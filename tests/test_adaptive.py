@@ -53,7 +53,8 @@ def near_threshold(diffs, threshold, margin=1e-4) -> bool:
                                          ("threshold", float("nan")), ("warmup", 1.5), ("max_cached_steps", -1),
                                          ("max_consecutive_cached", 0), ("max_accumulated_diff", "x"),
                                          ("max_accumulated_diff", 0.0), ("warmup_interval", 0),
-                                         ("forecast", "foca"), ("forecast_order", 3), ("compute_first", 2)])
+                                         ("forecast", "foca"), ("forecast_order", 3), ("target", 0.0), ("target", 1.5),
+                                         ("compute_first", 2)])
 def test_bad_fields_raise_naming_the_field(field, value):
     with pytest.raises(ValueError, match=field):
         AdaptiveConfig(**{field: value})
@@ -113,6 +114,35 @@ def test_a_threshold_of_zero_computes_every_step_and_equals_the_plain_model():
     assert all(d["computed"] for d in decisions(fast))
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+@given(family=st.sampled_from(["dit", "flux"]), target=st.floats(0.15, 1.0), steps=st.sampled_from([10, 20, 30]),
+       warmup=st.integers(0, 2), seed=st.integers(0, 3))
+def test_a_compute_target_is_met_within_one_step_and_decided_by_the_data(family, target, steps, warmup, seed):
+    """``target`` replaces the threshold: the realised fraction of computed steps is the target
+    (rounded to whole steps; warm-up steps count towards it) on either model, and the oracle,
+    deciding from its own diffs, computes the same steps."""
+    torch._dynamo.reset()
+    config = AdaptiveConfig(target=target, warmup=warmup)
+    model, fast = compile_tiny(family, config)
+    oracle = AdaptiveReference(copy.deepcopy(model), config, BLOCKS[family])
+    with sampling(fast, num_steps=steps):
+        got = denoise(lambda i, **kw: fast(**kw), family, model, steps, seed=seed)
+    want = denoise(lambda i, **kw: oracle.run(i, new_request=i == 0, num_steps=steps, **kw), family, model, steps,
+                   seed=seed)
+    made = decisions(fast)
+    assume(not any(a is not None and b is not None and abs(a - b) < 1e-5
+                   for a in (d["diff"] for d in made) for b in (d["diff"] for d in made) if a is not b))
+    computed = sum(d["computed"] for d in made)
+    assert computed == max(round(target * steps), min(warmup, steps), 1), marks(d["computed"] for d in made)
+    assert marks(d["computed"] for d in made) == marks(c for c, _ in oracle.decisions)
+    torch.testing.assert_close(got[-1], want[-1], atol=1e-5, rtol=1e-4)
+
+
+def test_a_target_needs_the_request_length():
+    model, fast = compile_tiny("dit", AdaptiveConfig(target=0.5))
+    with pytest.raises(ValueError, match="number of denoising steps"):
+        denoise(lambda i, **kw: fast(**kw), "dit", model, 3)
 
 
 # -- the same decisions as diffusers' FirstBlockCache --------------------------------------------------
@@ -326,3 +356,22 @@ def test_inductor_adaptive_equals_the_oracle():
     assert not all(d["computed"] for d in made), "no step was cached: the test checks nothing"
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, atol=1e-3, rtol=1e-3)   # Inductor reorders float sums
+
+
+# -- presets ----------------------------------------------------------------------------------------
+
+def test_presets_equal_the_peers_defaults():
+    from diffusers.hooks import FirstBlockCacheConfig
+
+    fbc = duca_compile.presets("any", "fbcache")
+    assert (fbc.head_blocks, fbc.tail_blocks, fbc.threshold, fbc.warmup) == (1, 0, FirstBlockCacheConfig().threshold, 0)
+    cache_dit = pytest.importorskip("cache_dit")
+    d = cache_dit.DBCacheConfig()
+    for name, head in (("dbcache-f1b0", 1), ("dbcache-f8b0", d.Fn_compute_blocks)):
+        c = duca_compile.presets("any", name)
+        assert (c.head_blocks, c.tail_blocks, c.threshold, c.warmup, c.warmup_interval) == \
+            (head, d.Bn_compute_blocks if name.endswith("f8b0") else 0, d.residual_diff_threshold,
+             d.max_warmup_steps, d.warmup_interval)
+        assert (c.max_cached_steps, c.max_consecutive_cached, c.max_accumulated_diff) == (None, None, None)
+        assert d.max_cached_steps == -1 and d.max_continuous_cached_steps == -1
+        assert d.max_accumulated_residual_diff_threshold is None

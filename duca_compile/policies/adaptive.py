@@ -14,7 +14,7 @@ warm-up or where a limit decides.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .base import CacheConfig, CachePolicy, Mode, check_int, check_number, register_policy
 
@@ -45,6 +45,12 @@ class AdaptiveConfig(CacheConfig):
         middle residual of the last computed step ("reuse"), or its TaylorSeer forecast from the
         last computed steps ("taylorseer", cache-dit's DBCache + TaylorSeer calibrator).
     forecast_order (`int`, defaults to `1`): the forecast's highest finite difference, 1 or 2.
+    target (`float`, optional): compute this fraction of each request's steps instead of tuning
+        ``threshold`` (which must then stay at its default). Each step's diff is compared with the
+        quantile of the request's diffs so far that leaves the remaining budget for the remaining
+        steps; the budget itself is kept: a step computes when the budget needs every remaining
+        step, and is cached once it is spent. Needs the request's length (``enable(pipe)`` or
+        ``sampling(model, num_steps=N)``). Warm-up steps count towards the budget.
     """
 
     head_blocks: int = 1
@@ -57,6 +63,7 @@ class AdaptiveConfig(CacheConfig):
     max_accumulated_diff: float | None = None
     forecast: str = "reuse"
     forecast_order: int = 1
+    target: float | None = None
 
     def __post_init__(self):
         super().__post_init__()
@@ -75,6 +82,11 @@ class AdaptiveConfig(CacheConfig):
         if self.forecast not in FORECASTS:
             raise ValueError(f"{owner}.forecast must be one of {FORECASTS}, got {self.forecast!r}")
         check_int(owner, "forecast_order", self.forecast_order, 1, 2)
+        if self.target is not None:
+            check_number(owner, "target", self.target, 0.0, 1.0)
+            if self.target == 0.0 or self.threshold != AdaptiveConfig.threshold:
+                raise ValueError(f"{owner}.target must be in (0, 1] and replaces threshold: set one of them, got "
+                                 f"target={self.target!r}, threshold={self.threshold!r}")
         if self.compute_first:
             raise ValueError(f"{owner}.compute_first must be 0: the blocks computed at every step are "
                              f"head_blocks (got compute_first={self.compute_first})")
@@ -85,15 +97,22 @@ class Counters:
     """What one cache slot's decisions depend on, within one request."""
 
     cached: int = 0              # cached steps so far
+    computed: int = 0            # computed steps so far
     consecutive: int = 0         # cached steps since the last computed one
     accumulated: float = 0.0     # the positive diffs read so far
+    diffs: list = field(default_factory=list)     # with ``target``: the diffs read so far
 
 
-def decide(config: AdaptiveConfig, step: int, fresh: bool, counters: Counters, read_diff) -> tuple[bool, float | None]:
+def decide(config: AdaptiveConfig, step: int, fresh: bool, counters: Counters, read_diff,
+           num_steps: int | None = None) -> tuple[bool, float | None]:
     """(compute the middle blocks?, the diff read or None). ``fresh``: no computed step of this
     request to compare with; ``read_diff()``: the head's diff as a float (the one host read),
     called only when the threshold decides. Limits are checked first, in cache-dit's order."""
     c = config
+    if c.target is not None and num_steps is None:
+        raise ValueError("AdaptiveConfig(target=...) needs the number of denoising steps: use "
+                         "duca_compile.enable(pipe, config) for a diffusers pipeline, or wrap the loop in "
+                         "`with duca_compile.sampling(model, num_steps=N):`")
     if fresh or (step < c.warmup and step % c.warmup_interval == 0):
         return True, None
     if c.max_cached_steps is not None and counters.cached >= c.max_cached_steps:
@@ -102,8 +121,24 @@ def decide(config: AdaptiveConfig, step: int, fresh: bool, counters: Counters, r
         return True, None
     if c.max_accumulated_diff is not None and counters.accumulated >= c.max_accumulated_diff:
         return True, None
+    if c.target is None:
+        diff = read_diff()
+        return diff > c.threshold, diff
+    budget, remaining = round(c.target * num_steps) - counters.computed, num_steps - step
+    if budget >= remaining or budget <= 0:
+        return budget > 0, None
     diff = read_diff()
-    return diff > c.threshold, diff
+    counters.diffs.append(diff)
+    return diff >= quantile(counters.diffs, 1 - budget / remaining), diff
+
+
+def quantile(values: list[float], q: float) -> float:
+    """The ``q`` quantile of ``values``, interpolated linearly between order statistics."""
+    ordered = sorted(values)
+    pos = q * (len(ordered) - 1)
+    low = math.floor(pos)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
 
 
 def record(counters: Counters, compute: bool, diff: float | None) -> None:
@@ -111,6 +146,7 @@ def record(counters: Counters, compute: bool, diff: float | None) -> None:
         counters.accumulated += diff
     if compute:
         counters.consecutive = 0
+        counters.computed += 1
     else:
         counters.cached += 1
         counters.consecutive += 1

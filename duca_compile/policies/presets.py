@@ -10,6 +10,7 @@ Shenyi-Z/Cache4Diffusion (ClusCa), read as summarised in the project's notes.
 """
 from __future__ import annotations
 
+from .adaptive import AdaptiveConfig
 from .clusca import ClusCaConfig
 from .duca import DuCaConfig
 from .fora import FORAConfig
@@ -25,6 +26,7 @@ MODELS = {
     "pixart-alpha": "PixArt-α, DPM-Solver 20 steps, cfg 4.5",
     "flux-dev": "FLUX.1-dev 1024², 50 steps",
     "opensora": "OpenSora v1.2 480p, rectified flow 30 steps, cfg 7.0",
+    "any": "any model: adaptive caching decides each step from the data (the peers' defaults)",
 }
 
 # DiT's DDIM loop counts steps down; its interval follows N / (1.4 − 0.8·x/T), forced to 2 for
@@ -91,6 +93,13 @@ PRESETS = {
                                                   first_enhance=3, propagate_text=False),
                              "ClusCa FLUX: N=5, K=16, γ=0.005, O=1, first_enhance=3; propagation on the image "
                              "stream only, clusters after the last double block"),
+    ("any", "fbcache"): (lambda: AdaptiveConfig(head_blocks=1, threshold=0.05),
+                         "diffusers FirstBlockCacheConfig() defaults: first block, threshold 0.05, no warm-up"),
+    ("any", "dbcache-f1b0"): (lambda: AdaptiveConfig(head_blocks=1, threshold=0.08, warmup=8),
+                              "cache-dit DBCacheConfig(Fn_compute_blocks=1, Bn_compute_blocks=0) with its other "
+                              "defaults: threshold 0.08, 8 warm-up steps, no limits"),
+    ("any", "dbcache-f8b0"): (lambda: AdaptiveConfig(head_blocks=8, threshold=0.08, warmup=8),
+                              "cache-dit DBCacheConfig() defaults: F8B0, threshold 0.08, 8 warm-up steps, no limits"),
     ("opensora", "duca"): (lambda: _opensora_duca("random"), "DuCa OpenSora cycles, R=0.1; v2 random"),
     ("opensora", "duca-v1"): (lambda: _opensora_duca("kv-norm"), "DuCa OpenSora script: kv-norm, R=0.1"),
 }
