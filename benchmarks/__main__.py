@@ -319,7 +319,12 @@ def adaptive(args) -> None:
 
     if importlib.util.find_spec("cache_dit") is None:
         raise SystemExit("the adaptive benchmark compares with cache-dit: pip install -e '.[bench]'")
-    setup = QUICK if args.quick else STANDARD
+    if not args.heldout_only:
+        _adaptive_trained(args, QUICK if args.quick else STANDARD, run, load_dit)
+    _adaptive_heldout(args)
+
+
+def _adaptive_trained(args, setup, run, load_dit) -> None:
     rows = run(setup, load_dit(), progress=_progress())
     name = "adaptive" + _suffix(args.quick)
     text = (f"The trained digits DiT, DDIM {setup.steps} steps, guidance {setup.guidance}, requests of {setup.batch} "
@@ -331,6 +336,27 @@ def adaptive(args) -> None:
             + markdown_table(rows, ADAPTIVE_COLUMNS) + "\n")
     path = write(args.out, name, "Adaptive caching against FirstBlockCache and DBCache", text, rows, environment())
     plot_tradeoff(rows, args.out / f"{name}.png")
+    print(path.read_text())
+
+
+HELDOUT_ADAPTIVE_COLUMNS = {"method": ("method", "{}"), "knob": ("knob", "{}"),
+                            "computed steps": ("computed", "{:.0f}"), "PSNR (dB)": ("psnr", "{:.2f}"),
+                            "FLOP ratio": ("flop_ratio", "{:.1%}")}
+
+
+def _adaptive_heldout(args) -> None:
+    """The adaptive rows on the held-out DiT-B-like model (``--quick``: the tiny size, 8 steps)."""
+    from .adaptive import HELDOUT, heldout
+    from .speed import _model
+
+    setup = dataclasses.replace(HELDOUT, steps=8) if args.quick else HELDOUT
+    size = "tiny" if args.quick else "DiT-B-like"
+    rows = heldout(setup, _model(size, "cpu"), progress=_progress())
+    name = "adaptive_heldout" + _suffix(args.quick)
+    text = (f"The {size} DiT (random weights), not the model the thresholds were picked on: {setup.batch} "
+            f"samples, DDIM {setup.steps} steps, guidance {setup.guidance}, eager, one request per row; PSNR "
+            "against its own uncached run.\n\n" + markdown_table(rows, HELDOUT_ADAPTIVE_COLUMNS) + "\n")
+    path = write(args.out, name, f"Adaptive caching on a held-out model ({size})", text, rows, environment())
     print(path.read_text())
 
 
@@ -412,6 +438,8 @@ def main(argv=None) -> None:
             p.add_argument("--steps", type=int)
             p.add_argument("--guidance", type=float)
             p.add_argument("--only-heldout", action="store_true", help="only the held-out DiT-B-like front")
+        if name == "adaptive":
+            p.add_argument("--heldout-only", action="store_true", help="only the held-out DiT-B-like rows")
         if name in ("speed", "compile"):
             p.add_argument("--sizes", nargs="+", help="default: every size of --device")
             p.add_argument("--methods", nargs="+", help="presets to time (default: all)")

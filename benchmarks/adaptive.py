@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import statistics
 import time
+import types
 from dataclasses import dataclass
 
 import torch
@@ -28,7 +29,7 @@ from .metrics import psnr
 from .peers import CacheDiT, FirstBlockCache, _warmup
 from .sampling import request_starter, sample, starts
 
-__all__ = ["Setup", "QUICK", "STANDARD", "Row", "rows_of", "run"]
+__all__ = ["Setup", "QUICK", "STANDARD", "HELDOUT", "Row", "HeldOutRow", "rows_of", "run", "heldout"]
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,9 @@ class Setup:
 
 QUICK = Setup(batch=4, turns=1, steps=8, guidance=1.5, inner="eager")
 STANDARD = Setup(batch=20, turns=3, steps=50, guidance=1.5, inner="inductor")
+# the held-out model (DiT-B-like, random weights: its samples mean nothing, PSNR against its own
+# uncached run), eager, one request per row: do the settings (and the target) transfer?
+HELDOUT = Setup(batch=2, turns=0, steps=50, guidance=1.5, inner="eager")
 
 
 @dataclass
@@ -91,15 +95,16 @@ class _Runner:
 
     def __init__(self, method, knob, what, model, setup: Setup):
         self.method, self.knob, self.what, self.setup = method, knob, what, setup
-        self.model = copy.deepcopy(model)
+        self.model = _own_code(copy.deepcopy(model))
         self.times, self.computed, self.reads, self.out = [], [], [], None
         self.peer = what if not isinstance(what, (duca_compile.CacheConfig, type(None))) else None
+        backend = "inductor" if setup.inner == "inductor" else "eager"       # eager: Dynamo all the same
         if self.peer is not None:
             self.peer.apply(self.model, setup.steps)
-            self.fast = self.model if setup.inner == "eager" else torch.compile(self.model, dynamic=False)
+            self.fast = torch.compile(self.model, backend=backend, dynamic=False)
             self._block_calls = _counter(self.model)
         elif what is None:
-            self.fast = self.model if setup.inner == "eager" else torch.compile(self.model, dynamic=False)
+            self.fast = torch.compile(self.model, backend=backend, dynamic=False)
         else:
             self.fast = torch.compile(self.model, backend=duca_compile.duca_backend(what, inner=setup.inner),
                                       fullgraph=True, dynamic=False)
@@ -131,8 +136,22 @@ class _Runner:
         self.reads.append(st.stats.decision_reads - reads)
         self.computed.append(st.stats.steps["full"] - full)     # a computed step runs FULL (adaptive: COMPUTE)
         if isinstance(self.what, AdaptiveConfig):
-            assert self.computed[-1] == sum(d["computed"] for d in decisions(self.fast))
+            assert self.computed[-1] == sum(d["computed"] for d in decisions(self.fast)), duca_compile.explain(self.fast)
         return seconds
+
+
+def _own_code(model):
+    """The row's own copies of the forward code of the model and of its blocks, as instance
+    attributes. Dynamo keeps its state per code object (compiled entries, and the mark that makes
+    it run a frame eagerly from then on, which a peer's hooks can set on DiT's forward): rows
+    alive side by side in one process must not share it."""
+    for m in [model, *model.transformer_blocks]:
+        f = type(m).forward
+        code = f.__code__.replace()          # an equal but distinct code object
+        own = types.FunctionType(code, f.__globals__, f.__name__, f.__defaults__, f.__closure__)
+        own.__kwdefaults__, own.__wrapped__ = f.__kwdefaults__, f
+        m.forward = types.MethodType(own, m)
+    return model
 
 
 def _counter(model):
@@ -151,7 +170,9 @@ def run(setup: Setup, model, progress=lambda it, **kw: it) -> list[Row]:
     runners = [_Runner("uncached", "-", None, model, setup)]
     runners += [_Runner(m, k, w, model, setup) for m, k, w in rows_of(setup.steps)]
     warm = {}
-    for r in progress(runners, desc="warm-up"):
+    # duca's rows first: a peer whose hooks make Dynamo give up on a frame of DiT's shared forward
+    # code would otherwise have the later rows run that code eagerly
+    for r in progress(sorted(runners, key=lambda r: r.peer is not None), desc="warm-up"):
         warm[r] = r.request(noise, labels)
         r.computed.clear()
         r.reads.clear()
@@ -186,3 +207,24 @@ def _flop_ratio(r: _Runner, noise, labels) -> float:
     with FlopCounterMode(display=False) as plain:
         sample(_denoiser(r.model), noise[:n], labels[:n], s.steps, s.guidance)
     return cached.get_total_flops() / plain.get_total_flops()
+
+
+@dataclass
+class HeldOutRow:
+    method: str
+    knob: str
+    computed: float
+    psnr: float
+    flop_ratio: float
+
+
+def heldout(setup: Setup, model, progress=lambda it, **kw: it) -> list[HeldOutRow]:
+    """The same rows on another model, one request each (no timing: eager)."""
+    noise, labels = starts(setup.batch, seed=1)
+    runners = [_Runner("uncached", "-", None, model, setup)]
+    runners += [_Runner(m, k, w, model, setup) for m, k, w in rows_of(setup.steps)]
+    for r in progress(runners, desc="held-out"):
+        r.request(noise, labels)
+    reference = runners[0].out
+    return [HeldOutRow(r.method, r.knob, r.computed[-1], psnr(r.out, reference),
+                       _flop_ratio(r, noise, labels) if r.what is not None else 1.0) for r in runners]

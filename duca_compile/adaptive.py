@@ -1,5 +1,6 @@
 """The runner of adaptive caching (``AdaptiveConfig``): per call, run the compiled HEAD graph, read
-its decision scalar once on the host (only where the threshold decides), then run COMPUTE or REUSE.
+its two decision means once on the host (only where the threshold decides; under context
+parallelism summed over the ranks first, so every rank decides alike), then run COMPUTE or REUSE.
 
 Three graphs, built and compiled together at the graph's first call (``passes.split_head``), serve
 every step: Dynamo sees one graph and one guard set, the choice lives here, outside traced code,
@@ -149,11 +150,16 @@ class AdaptiveRunner(CompiledCallable):
         if slot.epoch != st.epoch:
             slot.start()
         extra = [*slot.crossing, *slot.residuals]
-        diff = self.fns["HEAD"](*args, *extra)[0]
+        means = self.fns["HEAD"](*args, *extra)[0]
 
         def read() -> float:
+            nonlocal means
+            if st.selector.world > 1:          # every rank takes the decision of the whole sequence
+                means = means.clone()
+                torch.distributed.all_reduce(means, group=st.selector.group)
             st.stats.decision_reads += 1
-            return float(diff)
+            change, scale = means.tolist()
+            return change / scale if scale else float("inf")
 
         compute, value = decide(self.config, st.step, fresh, slot.counters, read, st.num_steps)
         record(slot.counters, compute, value)

@@ -94,6 +94,10 @@ class DuCaBackend:
         user = [i for i, (n, x) in enumerate(zip(placeholders, example_inputs))
                 if not isinstance(x, torch.nn.Parameter) and "_buffers" not in _source_name(n)]
         sitemap = find_sites(gm, type(module) if module is not None else None)
+        if sitemap.regional and isinstance(settings.config, AdaptiveConfig):
+            # no caching state at all: a regional state would hook the model for its step clock
+            _warn_plain(f"adaptive caching: {_ADAPTIVE_REGIONAL}", settings.inner)
+            return compile_variant(gm, example_inputs)
         if sitemap.regional:                   # one block's graph: the model's pre-hook gives the step
             lookup, ts = BlockLookup(settings, params[0], self.on_state), None
             resolve = lookup.state
@@ -144,18 +148,16 @@ class DuCaBackend:
                            fallbacks=fallbacks)
 
 
+_ADAPTIVE_REGIONAL = ("regional compilation hands the backend one block at a time; adaptive caching needs the "
+                      "block stack in one graph (compile the whole transformer)")
+
+
 def _adaptive(gm, example_inputs, sitemap, settings, compile_variant, resolve, ts, user, fallbacks):
     """The runner of adaptive caching, or a plain compile, wrapped, when the graph cannot be cut
     after its head blocks (a warning says why)."""
     config = settings.config
-    why = ""
-    if sitemap.regional:
-        why = ("regional compilation hands the backend one block at a time; adaptive caching needs the "
-               "block stack in one graph (compile the whole transformer)")
-        split = None
-    else:
-        split = split_head(gm, sitemap, config.head_blocks, config.tail_blocks)
-        why = split.why
+    split = split_head(gm, sitemap, config.head_blocks, config.tail_blocks)
+    why = split.why
     if why:
         _warn_plain(f"adaptive caching: {why}", settings.inner)
         return UncachedCall(resolve, compile_variant(gm, example_inputs), f"adaptive caching: {why}")

@@ -114,6 +114,11 @@ def explain(model, as_text: bool = True, num_steps: int | None = None):
                          for k, g in runner.variant_graphs.items()},
             "plan": _plan(runner, num_steps) if hasattr(runner, "plan_step") else [],
         })
+        if hasattr(runner, "split"):           # adaptive caching: where the graph was cut, what was decided
+            piece = st.pieces[runner]
+            graphs[-1]["adaptive"] = {"head": list(runner.split.head), "middle": list(runner.split.middle),
+                                      "tail": list(runner.split.tail), "crossing": len(runner.split.crossing),
+                                      "decisions": [dict(d) for d in piece.decisions]}
     if not as_text:
         return graphs
     lines = [f"duca: {st.config!r}"]
@@ -131,7 +136,17 @@ def explain(model, as_text: bool = True, num_steps: int | None = None):
         else:
             lines.append(f"graph {i}: {len(g['blocks'])} blocks, {len(g['sites'])} sites, "
                          f"stack output {g['stack_outputs']}")
+        if "adaptive" in g:
+            a = g["adaptive"]
+            lines.append(f"  adaptive: head {a['head']}, {len(a['middle'])} middle blocks cached as one residual, "
+                         f"tail {a['tail']}; {a['crossing']} values cross from HEAD in caches")
+            if a["decisions"]:
+                lines.append("  last request: " + "".join("C" if d["computed"] else "." for d in a["decisions"])
+                             + "  (C computed, . cached)")
         for s in g["sites"]:
+            if "adaptive" in g:                # no per-site caching: the sites only say what was found
+                lines.append(f"  {s['name']:45s} {s['kind']:10s} tokens={s['tokens']}")
+                continue
             sub = "subset ok" if s["subset"] is True else f"no subset: {s['subset']}"
             if "attention_channels" in s:
                 sub += ", attention half cached (channels {}:{})".format(*s["attention_channels"])

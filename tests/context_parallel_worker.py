@@ -235,6 +235,51 @@ def pipeline_under_cp() -> dict:
     return {"diff": (outs[1] - outs[0]).abs().max().item(), "cache_hits": s["cache_hits"], "steps": s["steps"]}
 
 
+def adaptive_under_cp() -> dict:
+    """AdaptiveConfig on Flux split over the ranks (Ulysses) against one process: the decisions,
+    per rank, and the outputs of a request with the same inputs; then a request whose inputs differ
+    per rank (each rank's shard comes from its own tensor), whose decisions must still agree."""
+    from diffusers import ContextParallelConfig
+
+    import duca_compile
+    from duca_compile import AdaptiveConfig
+    from duca_compile.adaptive import decisions
+    from duca_compile.models import make_model
+
+    world, rank = dist.get_world_size(), dist.get_rank()
+    config = AdaptiveConfig(threshold=0.3)
+    single_model, cp_model = make_model("flux"), make_model("flux")
+    cp_model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=world))
+    single = torch.compile(single_model, backend=duca_compile.duca_backend(config, inner="eager"), dynamic=False,
+                           fullgraph=True)
+    cp = torch.compile(cp_model, backend=duca_compile.duca_backend(config, inner="eager"), dynamic=False)
+
+    def request(fn, nudge=0.0):
+        kw = _inputs("flux", single_model, 900.0, 0)
+        x, outs = kw.pop("hidden_states"), []
+        x = x + nudge * torch.randn(x.shape, generator=torch.Generator().manual_seed(rank))
+        for i in range(8):
+            kw["timestep"] = torch.full_like(kw["timestep"], 900.0 - i * 100.0)
+            out = fn(**kw, hidden_states=x)[0]
+            outs.append(out)
+            x = x - 0.05 * out
+        return outs
+
+    want, got = request(single), request(cp)
+    same = [[d["computed"] for d in decisions(cp)], [d["computed"] for d in decisions(single)]]
+    diffs = [[d["diff"] for d in decisions(cp)], [d["diff"] for d in decisions(single)]]
+    request(cp, nudge=0.5)
+    local = [d["computed"] for d in decisions(cp)]
+    local_diffs = [d["diff"] for d in decisions(cp)]
+    every = [None] * world
+    dist.all_gather_object(every, (local, local_diffs))
+    s = duca_compile.stats(cp, flops=False)
+    return {"cp": same[0], "single": same[1], "cp_diffs": diffs[0], "single_diffs": diffs[1],
+            "worst": max((a - b).abs().max().item() for a, b in zip(got, want)),
+            "per_rank": [e[0] for e in every], "per_rank_diffs": [e[1] for e in every],
+            "decision_reads": s["decision_reads"], "uncached": s["uncached"]}
+
+
 def main(out_path: str, families: list[str]) -> None:
     dist.init_process_group("gloo")
     torch.manual_seed(0)
@@ -257,6 +302,11 @@ def main(out_path: str, families: list[str]) -> None:
                 found[family]["oracle"] = subset_vs_oracle(family)
             except Exception as e:       # noqa: BLE001 - reported to the test, which fails on it
                 found[family] = {"error": f"{type(e).__name__}: {e}"[:2000]}
+        try:
+            torch._dynamo.reset()
+            found["adaptive"] = adaptive_under_cp()
+        except Exception as e:           # noqa: BLE001
+            found["adaptive"] = {"error": f"{type(e).__name__}: {e}"[:2000]}
         try:
             found["pipeline"] = pipeline_under_cp()
         except Exception as e:           # noqa: BLE001

@@ -98,6 +98,8 @@ def test_caches_hit_and_flops_drop():
     assert marks(d["computed"] for d in decisions(fast)) == "C....."
     s = duca_compile.stats(fast)
     assert s["steps"] == {**s["steps"], "full": 1, "skip": 5} and s["cache_hits"] >= 5
+    text = duca_compile.explain(fast)
+    assert "adaptive: head ['transformer_blocks.0']" in text and "last request: C....." in text
     assert 0.5 < s["flop_ratio"] < 0.75          # 1 of 2 blocks after step 0, plus the prefix
     graphs = state_of(fast).pieces
     runner = next(iter(graphs))
@@ -375,3 +377,35 @@ def test_presets_equal_the_peers_defaults():
         assert (c.max_cached_steps, c.max_consecutive_cached, c.max_accumulated_diff) == (None, None, None)
         assert d.max_cached_steps == -1 and d.max_continuous_cached_steps == -1
         assert d.max_accumulated_residual_diff_threshold is None
+
+
+# -- the diffusers families -------------------------------------------------------------------------
+
+CUT = ["dit", "pixart", "pixart-sigma", "flux", "sd3", "hunyuan-video", "wan", "cogvideox", "ltx-video", "sana",
+       "qwen-image", "hunyuan-dit", "cogview3plus", "cogview4", "mochi", "allegro", "easyanimate", "cosmos"]
+# single blocks on the concatenated text + image stream (cache-dit splits such stacks in two contexts)
+REFUSED = {"auraflow": "no counterpart of its shape", "chroma": "no counterpart of its shape",
+           "flux2": "no counterpart of its shape", "latte": "feeds a later block"}
+
+
+@pytest.mark.parametrize("family", CUT)
+def test_every_family_that_can_be_cut_caches_and_equals_the_oracle(family):
+    """A threshold no diff reaches: every step after the first is cached, on every family whose
+    stack can be cut after its first block, and the outputs equal the oracle's."""
+    config = AdaptiveConfig(threshold=1e9)
+    model, fast = compile_tiny(family, config)
+    got = denoise(lambda i, **kw: fast(**kw), family, model, 4)
+    blocks = next(g["blocks"] for g in duca_compile.explain(fast, as_text=False) if g["sites"])
+    oracle = AdaptiveReference(copy.deepcopy(model), config, blocks)
+    want = denoise(lambda i, **kw: oracle.run(i, new_request=i == 0, **kw), family, model, 4)
+    assert marks(d["computed"] for d in decisions(fast)) == "C..." == marks(c for c, _ in oracle.decisions)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family", sorted(REFUSED))
+def test_a_stack_that_cannot_be_cut_warns_and_runs_plainly(family):
+    with pytest.warns(UserWarning, match=REFUSED[family]):
+        model, fast = compile_tiny(family, AdaptiveConfig())
+        denoise(lambda i, **kw: fast(**kw), family, model, 2)
+    assert REFUSED[family] in " ".join(duca_compile.stats(fast, flops=False)["uncached"])

@@ -137,3 +137,18 @@ def test_a_branch_that_communicates_runs_on_k_tokens_with_its_exchanges(found):
     # self-attention is reused (its exchanges and attention gone); cross-attention keeps its own
     assert r["subset_ops"]["all_to_all_single"] == full["all_to_all_single"] // 2
     assert r["subset_ops"]["sdpa"] == full["sdpa"] // 2 == 2
+
+
+def test_adaptive_decisions_are_taken_for_the_whole_sequence_on_every_rank(found):
+    """The head's two means are summed over the ranks before the decision: with the same inputs the
+    ranks decide as one process does (and compute the same outputs), and with inputs that differ
+    per rank (each rank's shard from its own tensor) every rank still takes the same decisions."""
+    a = found["adaptive"]
+    assert "error" not in a, a.get("error")
+    assert not a["uncached"]
+    assert a["cp"] == a["single"], (a["cp_diffs"], a["single_diffs"])
+    assert True in a["cp"][1:] and False in a["cp"], a["cp"]            # both kinds of step occur
+    assert a["worst"] < 1e-4
+    first, *others = a["per_rank"]
+    assert all(o == first for o in others) and False in first
+    assert all(d == a["per_rank_diffs"][0] for d in a["per_rank_diffs"])

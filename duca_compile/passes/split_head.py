@@ -8,7 +8,7 @@ the head is computed once per call. COMPUTE runs the middle and tail blocks and 
 middle residual (the streams leaving the last middle block minus the head's, paired by shape and
 then by the shortest path back); REUSE drops the middle blocks and feeds later nodes the head's
 streams plus that residual. HEAD also writes its residual (latent stream out of the head minus
-into block 0) and returns ``mean|r − p| / mean|p|`` against the last computed step's ``p``, in fp32.
+into block 0) and returns ``mean|r − p|`` and ``mean|p|`` against the last computed step's ``p``, in fp32.
 """
 from __future__ import annotations
 
@@ -91,13 +91,15 @@ def split_head(gm: fx.GraphModule, sitemap: SiteMap, head_blocks: int, tail_bloc
     head_set, upto = set(split.head), set(split.head) | set(split.middle)
     nodes = list(gm.graph.nodes)
     inside = _ancestors([n for n in nodes if block_path(n) in head_set])
-    # in-place writes into the head's tensors (a rotary table filled slice by slice) belong to it
+    # in-place writes into the head's tensors before the middle blocks (a rotary table filled slice
+    # by slice) belong to it
     group = _alias_groups(gm.graph)
+    middle = set(split.middle)
+    before = nodes[:next(i for i, n in enumerate(nodes) if block_path(n) in middle)]
     changed = True
     while changed:
         groups = {group[n] for n in inside}
-        more = [n for n in nodes if n not in inside and _mutated(n) is not None and group[_mutated(n)] in groups
-                and block_path(n) not in upto - head_set and block_path(n) not in set(split.tail)]
+        more = [n for n in before if n not in inside and _mutated(n) is not None and group[_mutated(n)] in groups]
         changed = bool(more)
         inside |= _ancestors(more)
     for n in nodes:
@@ -115,7 +117,7 @@ def split_head(gm: fx.GraphModule, sitemap: SiteMap, head_blocks: int, tail_bloc
     first = next((s for s in sitemap.sites if s.block == blocks[0] and s.latent), None)
     if first is None:
         return _refuse(split, f"block {blocks[0]} has no site on the latent stream")
-    into = next(n for n in nodes if n.name == first.streams[0])
+    into = _entering(next(n for n in nodes if n.name == first.streams[0]), blocks[0])
     out = _nearest(into, head_out, upstream=False)
     if out is None:
         return _refuse(split, f"no stream leaving {split.head[-1]} continues the latent stream entering {blocks[0]}")
@@ -132,6 +134,22 @@ def split_head(gm: fx.GraphModule, sitemap: SiteMap, head_blocks: int, tail_bloc
                                   f"leaving {split.head[-1]}")
         split.pairs.append((n.name, h.name))
     return split
+
+
+def _entering(stream: fx.Node, block: str) -> fx.Node:
+    """The value entering ``block`` that the latent ``stream`` inside it continues: the residual
+    is taken against the block's input, as the peers do (Cosmos adds a positional embedding to it
+    inside the block, before its first branch)."""
+    todo, seen = deque([stream]), {stream}
+    while todo:
+        n = todo.popleft()
+        if block_path(n) != block and _is_tensor(n) and _spec(n) == _spec(stream):
+            return n
+        for a in n.all_input_nodes:
+            if a not in seen and (block_path(n) == block):
+                seen.add(a)
+                todo.append(a)
+    return stream
 
 
 def _refuse(split: HeadSplit, why: str) -> HeadSplit:
@@ -177,7 +195,8 @@ def _finish(gm: fx.GraphModule) -> fx.GraphModule:
 
 def build_head(gm: fx.GraphModule, split: HeadSplit, fake_mode=None) -> fx.GraphModule:
     """Inputs: the graph's, one cache per crossing value, then the residual caches (current, previous).
-    Output: ``(diff,)``, a float32 scalar."""
+    Output: ``([mean|r − p|, mean|p|],)`` in float32: their ratio is the diff; under context
+    parallelism the runner first sums them over the ranks (each holds an equal share of the tokens)."""
     g = clone_graph(gm)
     nodes = {n.name: n for n in g.graph.nodes}
     caches = _crossing_inputs(g, split, fake_mode)
@@ -197,8 +216,8 @@ def build_head(gm: fx.GraphModule, split: HeadSplit, fake_mode=None) -> fx.Graph
         change = graph.call_function(aten.mean.default, (graph.call_function(aten.abs.default, (
             graph.call_function(aten.sub.Tensor, (r32, p32)),)),))
         scale = graph.call_function(aten.mean.default, (graph.call_function(aten.abs.default, (p32,)),))
-        diff = graph.call_function(aten.div.Tensor, (change, scale))
-    output.args = ((diff,),)
+        both = graph.call_function(aten.stack.default, ([change, scale],))
+    output.args = ((both,),)
     return _finish(g)
 
 
