@@ -332,7 +332,9 @@ def _adaptive_trained(args, setup, run, load_dit) -> None:
             "request per row per turn); request time: their median. Computed steps: steps whose blocks past "
             "the head ran, per request. PSNR against the uncached samples. Host reads: duca's decision reads "
             "(`stats()['decision_reads']`); the peers read the same diff with `.item()` on each step their "
-            "threshold decides (not counted here).\n\n"
+            "threshold decides (not counted here). FLOP ratio: duca's graphs over every timed call; a peer's "
+            "from `FlopCounterMode` over one eager request of 2 samples (whose diffs, over a smaller batch, "
+            "may decide a step otherwise).\n\n"
             + markdown_table(rows, ADAPTIVE_COLUMNS) + "\n")
     path = write(args.out, name, "Adaptive caching against FirstBlockCache and DBCache", text, rows, environment())
     plot_tradeoff(rows, args.out / f"{name}.png")
@@ -375,7 +377,7 @@ def replot(args) -> None:
 
     from .speed import Row, plot
 
-    for name in ("fidelity", "fidelity_quick"):
+    for name in ("fidelity", "fidelity_quick", "adaptive", "adaptive_quick"):
         if (args.out / f"{name}.json").exists():
             plot_tradeoff(json.loads((args.out / f"{name}.json").read_text())["rows"], args.out / f"{name}.png")
     for name in ("fidelity_heldout", "fidelity_heldout_quick"):

@@ -155,11 +155,13 @@ def _own_code(model):
 
 
 def _counter(model):
-    """Counts the calls of the DiT's last block (a peer's computed steps: cached steps skip it)."""
+    """Counts the calls of the last block's self-attention: a peer's computed steps (cached steps
+    skip it; diffusers' FirstBlockCache still calls the skipped blocks, whose hooks return their
+    inputs, so the block itself would count every step)."""
     from collections import Counter
 
     calls = Counter()
-    model.transformer_blocks[-1].register_forward_pre_hook(lambda m, a: calls.update(["last"]))
+    model.transformer_blocks[-1].attn1.register_forward_pre_hook(lambda m, a: calls.update(["last"]))
     return calls
 
 

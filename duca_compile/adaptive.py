@@ -149,19 +149,9 @@ class AdaptiveRunner(CompiledCallable):
         fresh = not tracked or slot.epoch != st.epoch
         if slot.epoch != st.epoch:
             slot.start()
-        extra = [*slot.crossing, *slot.residuals]
-        means = self.fns["HEAD"](*args, *extra)[0]
-
-        def read() -> float:
-            nonlocal means
-            if st.selector.world > 1:          # every rank takes the decision of the whole sequence
-                means = means.clone()
-                torch.distributed.all_reduce(means, group=st.selector.group)
-            st.stats.decision_reads += 1
-            change, scale = means.tolist()
-            return change / scale if scale else float("inf")
-
-        compute, value = decide(self.config, st.step, fresh, slot.counters, read, st.num_steps)
+        means = self.fns["HEAD"](*args, *slot.crossing, *slot.residuals)[0]
+        compute, value = decide(self.config, st.step, fresh, slot.counters, lambda: self._read(st, means),
+                                st.num_steps)
         record(slot.counters, compute, value)
         name = "COMPUTE" if compute else "REUSE"
         table = []
@@ -176,7 +166,20 @@ class AdaptiveRunner(CompiledCallable):
         piece.variant_calls[name] += 1
         piece.decisions.append({"epoch": st.epoch, "step": st.step, "slot": st.slot, "diff": value,
                                 "computed": compute})
-        p = self.planned[compute]
+        self._count(st, self.planned[compute])
+        return out
+
+    @staticmethod
+    def _read(st, means: torch.Tensor) -> float:
+        """The decision's diff: the one host read (of both means at once)."""
+        if st.selector.world > 1:              # every rank takes the decision of the whole sequence
+            means = means.clone()
+            torch.distributed.all_reduce(means, group=st.selector.group)
+        st.stats.decision_reads += 1
+        change, scale = means.tolist()
+        return change / scale if scale else float("inf")
+
+    def _count(self, st, p) -> None:
         st.last_plan, st.last_actions, st.last_skip = p.plan, p.actions, p.skip
         st.last_indices, st.last_assign = {}, {}
         if self.fallbacks:
@@ -188,7 +191,6 @@ class AdaptiveRunner(CompiledCallable):
         s.tokens_computed += p.tokens_computed
         s.cache_hits += p.cache_hits
         s.block_hits.update(p.block_hits)
-        return out
 
     # -- accounting -----------------------------------------------------------------------------
     def flops(self, piece: AdaptivePiece) -> dict:

@@ -90,6 +90,7 @@ def test_compiled_adaptive_equals_the_oracle(family, head, tail, threshold, warm
     assert (s["cache_hits"] > 0) == (cached > 0)
 
 
+@pytest.mark.smoke
 def test_caches_hit_and_flops_drop():
     """At a threshold above every diff, every step after the first is cached: the middle block's
     work is gone from the FLOPs, and the REUSE graph runs no attention of the middle blocks."""
@@ -266,6 +267,7 @@ def scalar_reads(monkeypatch):
     return reads
 
 
+@pytest.mark.smoke
 def test_one_host_read_per_decided_step_and_no_recompile_over_three_requests(scalar_reads):
     """fullgraph=True holds (compile_tiny), Dynamo compiles once, and inside sampling() the only
     tensor value the host reads is the decision scalar: one per step the threshold decides, none

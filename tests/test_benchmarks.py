@@ -40,6 +40,25 @@ def test_quick_fidelity_writes_tables_plots_and_the_sample_grid(tmp_path):
     assert (tmp_path / "samples_quick.png").stat().st_size > 1000
 
 
+def test_quick_adaptive_pairs_each_peer_with_duca_at_the_same_steps(tmp_path):
+    """The adaptive benchmark's pairs run the same rule: the same computed steps and the same
+    samples (within float noise) for duca and the peer; the target rows compute 40 % of 8 steps."""
+    pytest.importorskip("cache_dit")
+    main(["adaptive", "--quick", "--out", str(tmp_path)])
+    for name in ("adaptive_quick", "adaptive_heldout_quick"):
+        rows = json.loads((tmp_path / f"{name}.json").read_text())["rows"]
+        by = {(r["method"], r["knob"]): r for r in rows}
+        pairs = [("duca adaptive", "diffusers FirstBlockCache"), ("duca adaptive", "cache-dit DBCache"),
+                 ("duca adaptive + TaylorSeer", "cache-dit DBCache + TaylorSeer")]
+        for ours, peer in pairs:
+            knob = next(k for m, k in by if m == peer)
+            a, b = by[(ours, knob if peer != "diffusers FirstBlockCache" else "F1B0 thr 0.08")], by[(peer, knob)]
+            assert a["computed"] == b["computed"] and abs(a["psnr"] - b["psnr"]) < 0.5, (name, a, b)
+        assert any(r["computed"] < 8 for r in rows if r["method"].startswith("duca adaptive"))
+        assert all(r["computed"] == 3 for r in rows if r["knob"].startswith("target 0.4"))
+    assert (tmp_path / "adaptive_quick.png").stat().st_size > 1000
+
+
 def test_quick_speed_and_flops_write_their_tables(tmp_path):
     main(["speed", "--quick", "--out", str(tmp_path)])
     rows = json.loads((tmp_path / "speed_quick.json").read_text())["rows"]
