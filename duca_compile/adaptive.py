@@ -1,6 +1,6 @@
 """The runner of adaptive caching (``AdaptiveConfig``): per call, run the compiled HEAD graph, read
 its two decision means once on the host (only where the threshold decides; under context
-parallelism summed over the ranks first, so every rank decides alike), then run COMPUTE or REUSE.
+parallelism HEAD sums them over the ranks, so every rank decides alike), then run COMPUTE or REUSE.
 
 Three graphs, built and compiled together at the graph's first call (``passes.split_head``), serve
 every step: Dynamo sees one graph and one guard set, the choice lives here, outside traced code,
@@ -88,7 +88,12 @@ class AdaptiveRunner(CompiledCallable):
     def _build(self, st) -> None:
         start = time.perf_counter()
         s, fm = self.split, self.fake_mode
-        graphs = {"HEAD": build_head(self.gm, s, fm), "COMPUTE": build_rest(self.gm, s, False, self.orders, fm),
+        group = None
+        if st.selector.world > 1:              # context parallelism: the decision of the whole sequence
+            pg = st.selector.group if st.selector.group is not None else torch.distributed.group.WORLD
+            group = pg.group_name
+        graphs = {"HEAD": build_head(self.gm, s, fm, group),
+                  "COMPUTE": build_rest(self.gm, s, False, self.orders, fm),
                   "REUSE": build_rest(self.gm, s, True, self.orders, fm)}
         for name, g in graphs.items():
             self.variant_graphs[name] = g
@@ -171,10 +176,8 @@ class AdaptiveRunner(CompiledCallable):
 
     @staticmethod
     def _read(st, means: torch.Tensor) -> float:
-        """The decision's diff: the one host read (of both means at once)."""
-        if st.selector.world > 1:              # every rank takes the decision of the whole sequence
-            means = means.clone()
-            torch.distributed.all_reduce(means, group=st.selector.group)
+        """The decision's diff: the one host read (of both means at once, already summed over the
+        ranks under context parallelism)."""
         st.stats.decision_reads += 1
         change, scale = means.tolist()
         return change / scale if scale else float("inf")

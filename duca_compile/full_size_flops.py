@@ -21,7 +21,7 @@ import torch.fx as fx
 from . import _torch
 from .flops import full_key, runner_flops, variant_flops
 from .models.full_size import MODELS, STEPS, meta_model, model_inputs
-from .policies import CacheConfig, ClusCaConfig, DuCaConfig, FORAConfig, Mode, TaylorSeerConfig, ToCaConfig
+from .policies import AdaptiveConfig, CacheConfig, ClusCaConfig, DuCaConfig, FORAConfig, Mode, TaylorSeerConfig, ToCaConfig
 
 __all__ = ["flops_report", "flops_table", "meta_model", "model_inputs", "MODELS", "STEPS", "default_configs", "preset_configs"]
 
@@ -60,6 +60,9 @@ def _runner(trace: _Trace, config: CacheConfig):
 
     # The report's runner is never called, so it creates no caching state: a model compiled with
     # duca too keeps its own untouched.
+    if isinstance(config, AdaptiveConfig):
+        raise ValueError("flops_report counts a fixed schedule before any request; AdaptiveConfig decides each "
+                         "step from the data: read stats(model)['flop_ratio'] after a request instead")
     ctx = _torch.TracingContext(trace.fake_mode) if trace.fake_mode is not None else None
     with torch.no_grad(), (_torch.tracing(ctx) if ctx is not None else contextlib.nullcontext()):
         runner = DuCaBackend(config, inner="eager")(trace.gm, trace.example_inputs)

@@ -274,7 +274,11 @@ def adaptive_under_cp() -> dict:
     every = [None] * world
     dist.all_gather_object(every, (local, local_diffs))
     s = duca_compile.stats(cp, flops=False)
-    return {"cp": same[0], "single": same[1], "cp_diffs": diffs[0], "single_diffs": diffs[1],
+    from duca_compile.report import count_collectives
+    from duca_compile.runtime import state_of
+
+    runner = next(r for r, _ in state_of(cp).graphs())
+    return {"head_collectives": dict(count_collectives(runner.variant_graphs["HEAD"])), "cp": same[0], "single": same[1], "cp_diffs": diffs[0], "single_diffs": diffs[1],
             "worst": max((a - b).abs().max().item() for a, b in zip(got, want)),
             "per_rank": [e[0] for e in every], "per_rank_diffs": [e[1] for e in every],
             "decision_reads": s["decision_reads"], "uncached": s["uncached"]}

@@ -411,3 +411,10 @@ def test_a_stack_that_cannot_be_cut_warns_and_runs_plainly(family):
         model, fast = compile_tiny(family, AdaptiveConfig())
         denoise(lambda i, **kw: fast(**kw), family, model, 2)
     assert REFUSED[family] in " ".join(duca_compile.stats(fast, flops=False)["uncached"])
+
+
+def test_flops_report_refuses_a_config_decided_at_run_time():
+    from duca_compile.models import make_model
+
+    with pytest.raises(ValueError, match="decides each step from the data"):
+        duca_compile.flops_report(make_model("dit"), AdaptiveConfig(), num_steps=4)

@@ -140,11 +140,13 @@ def test_a_branch_that_communicates_runs_on_k_tokens_with_its_exchanges(found):
 
 
 def test_adaptive_decisions_are_taken_for_the_whole_sequence_on_every_rank(found):
-    """The head's two means are summed over the ranks before the decision: with the same inputs the
-    ranks decide as one process does (and compute the same outputs), and with inputs that differ
-    per rank (each rank's shard from its own tensor) every rank still takes the same decisions."""
+    """The head's two means are summed over the ranks inside the HEAD graph (a functional
+    all-reduce) before the decision: with the same inputs the ranks decide as one process does (and
+    compute the same outputs), and with inputs that differ per rank (each rank's shard from its own
+    tensor) every rank still takes the same decisions."""
     a = found["adaptive"]
     assert "error" not in a, a.get("error")
+    assert a["head_collectives"].get("all_reduce") == 1, a["head_collectives"]
     assert not a["uncached"]
     assert a["cp"] == a["single"], (a["cp_diffs"], a["single_diffs"])
     assert True in a["cp"][1:] and False in a["cp"], a["cp"]            # both kinds of step occur

@@ -1,5 +1,5 @@
 """Adaptive caching: cut one Dynamo graph after its head blocks into a HEAD graph, which returns
-the decision scalar, and two REST graphs, which compute the blocks past the head or reuse them.
+what the decision needs, and two REST graphs, which compute the blocks past the head or reuse them.
 
 The head is every node the first ``head_blocks`` blocks need (the prefix included) and the
 in-place writes into them (Wan's rotary buffer). What the rest reads from it crosses in caches: the
@@ -90,24 +90,13 @@ def split_head(gm: fx.GraphModule, sitemap: SiteMap, head_blocks: int, tail_bloc
                       blocks[len(blocks) - tail_blocks:])
     head_set, upto = set(split.head), set(split.head) | set(split.middle)
     nodes = list(gm.graph.nodes)
-    inside = _ancestors([n for n in nodes if block_path(n) in head_set])
-    # in-place writes into the head's tensors before the middle blocks (a rotary table filled slice
-    # by slice) belong to it
-    group = _alias_groups(gm.graph)
-    middle = set(split.middle)
-    before = nodes[:next(i for i, n in enumerate(nodes) if block_path(n) in middle)]
-    changed = True
-    while changed:
-        groups = {group[n] for n in inside}
-        more = [n for n in before if n not in inside and _mutated(n) is not None and group[_mutated(n)] in groups]
-        changed = bool(more)
-        inside |= _ancestors(more)
+    inside = _head_nodes(gm.graph, nodes, head_set, set(split.middle))
     for n in nodes:
         if n in inside and any(u not in inside for u in n.users):
             if _is_tensor(n):
                 split.crossing.append(n.name)
                 split.specs[n.name] = _spec(n)
-            elif isinstance(_value(n), (int, float, bool, type(None))) and _value(n) is not None:
+            elif isinstance(_value(n), (int, float, bool)):
                 split.constants[n.name] = _value(n)
             else:
                 return _refuse(split, f"the head's value {n.name} ({type(_value(n)).__name__}) is read after it "
@@ -134,6 +123,20 @@ def split_head(gm: fx.GraphModule, sitemap: SiteMap, head_blocks: int, tail_bloc
                                   f"leaving {split.head[-1]}")
         split.pairs.append((n.name, h.name))
     return split
+
+
+def _head_nodes(graph: fx.Graph, nodes: list, head: set, middle: set) -> set:
+    """Every node the head blocks need, with the in-place writes into those values made before the
+    middle blocks (Wan fills its rotary table slice by slice) and what they need."""
+    inside = _ancestors([n for n in nodes if block_path(n) in head])
+    group = _alias_groups(graph)
+    before = nodes[:next(i for i, n in enumerate(nodes) if block_path(n) in middle)]
+    while True:
+        groups = {group[n] for n in inside}
+        more = [n for n in before if n not in inside and _mutated(n) is not None and group[_mutated(n)] in groups]
+        if not more:
+            return inside
+        inside |= _ancestors(more)
 
 
 def _entering(stream: fx.Node, block: str) -> fx.Node:
@@ -193,10 +196,11 @@ def _finish(gm: fx.GraphModule) -> fx.GraphModule:
     return gm
 
 
-def build_head(gm: fx.GraphModule, split: HeadSplit, fake_mode=None) -> fx.GraphModule:
+def build_head(gm: fx.GraphModule, split: HeadSplit, fake_mode=None, group: str | None = None) -> fx.GraphModule:
     """Inputs: the graph's, one cache per crossing value, then the residual caches (current, previous).
-    Output: ``([mean|r − p|, mean|p|],)`` in float32: their ratio is the diff; under context
-    parallelism the runner first sums them over the ranks (each holds an equal share of the tokens)."""
+    Output: ``([mean|r − p|, mean|p|],)`` in float32: their ratio is the diff. ``group``: under
+    context parallelism, the process group whose ranks each hold an equal share of the tokens: both
+    means are summed over it by a functional collective, so every rank returns the same pair."""
     g = clone_graph(gm)
     nodes = {n.name: n for n in g.graph.nodes}
     caches = _crossing_inputs(g, split, fake_mode)
@@ -217,6 +221,10 @@ def build_head(gm: fx.GraphModule, split: HeadSplit, fake_mode=None) -> fx.Graph
             graph.call_function(aten.sub.Tensor, (r32, p32)),)),))
         scale = graph.call_function(aten.mean.default, (graph.call_function(aten.abs.default, (p32,)),))
         both = graph.call_function(aten.stack.default, ([change, scale],))
+        if group is not None:
+            c10d = torch.ops._c10d_functional
+            both = graph.call_function(c10d.wait_tensor.default, (
+                graph.call_function(c10d.all_reduce.default, (both, "sum", group)),))
     output.args = ((both,),)
     return _finish(g)
 
