@@ -3,6 +3,7 @@ oracle, the same decisions as diffusers' FirstBlockCache, one host read per step
 from __future__ import annotations
 
 import copy
+import dataclasses
 import warnings
 
 import pytest
@@ -418,3 +419,18 @@ def test_flops_report_refuses_a_config_decided_at_run_time():
 
     with pytest.raises(ValueError, match="decides each step from the data"):
         duca_compile.flops_report(make_model("dit"), AdaptiveConfig(), num_steps=4)
+
+
+def test_enable_on_a_pipeline_decides_each_request_afresh():
+    """``enable(pipe, "any:fbcache")``: the pipeline's driver gives steps and requests, so the second
+    request starts from a computed step and its own decisions, with caches hit in both."""
+    from duca_compile.models import make_pipeline, pipeline_call_kwargs
+
+    pipe = make_pipeline("flux")
+    duca_compile.enable(pipe, dataclasses.replace(duca_compile.presets("any", "fbcache"), threshold=1e9),
+                        inner="eager")
+    for _ in range(2):
+        pipe(**pipeline_call_kwargs("flux", pipe, num_inference_steps=5))
+        assert marks(d["computed"] for d in decisions(pipe.transformer)) == "C...."
+    s = duca_compile.stats(pipe.transformer, flops=False)
+    assert s["requests"] == 2 and s["steps"]["skip"] == 8 and s["decision_reads"] == 8

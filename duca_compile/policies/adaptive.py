@@ -7,8 +7,8 @@ the last computed step: ``diff = mean|r − p| / mean|p|``. A step computes the 
 ``diff > threshold`` (or a limit forces it); otherwise the stream leaving the middle blocks is the
 head's output plus the middle blocks' residual cached at the last computed step, and the last
 ``tail_blocks`` blocks run on that. ``p`` is updated on computed steps only (diffusers'
-``FirstBlockCache``, cache-dit's DBCache). The decision is taken on the host from one scalar the
-compiled head returns: one device-to-host read per step where the threshold decides, none in
+``FirstBlockCache``, cache-dit's DBCache). The decision is taken on the host from the two means
+the compiled head returns: one device-to-host read per step where the threshold decides, none in
 warm-up or where a limit decides.
 """
 from __future__ import annotations
