@@ -18,7 +18,7 @@ import torch
 from .passes.split_head import HeadSplit, build_head, build_rest
 from .policies import Mode, StepPlan
 from .policies.adaptive import Counters, Forecast, decide, record
-from .runner import derive
+from .runner import count_call, derive, note_shapes, shape_key
 from .runtime import CompiledCallable
 
 __all__ = ["AdaptiveRunner", "decisions"]
@@ -131,13 +131,7 @@ class AdaptiveRunner(CompiledCallable):
     def __call__(self, *args):
         st = self.resolve(args)
         piece = self.piece(st)
-        shape_key = tuple((tuple(args[i].shape), args[i].dtype) if isinstance(args[i], torch.Tensor) else args[i]
-                          for i in self.user_indices)
-        anchor = id(args[self.resolve.anchor_index])
-        if st.shape_keys.get(anchor, shape_key) != shape_key:
-            st.stats.shape_resets += 1
-            st.epoch += 1                      # never mix caches of two shapes
-        st.shape_keys[anchor] = shape_key
+        note_shapes(st, id(args[self.resolve.anchor_index]), shape_key(args, self.user_indices))
         i = self.timestep_index
         tracked = st.advance_piece((lambda: st.read_timestep(args[i])) if i is not None else None)
         if not self.fns:
@@ -187,13 +181,7 @@ class AdaptiveRunner(CompiledCallable):
         st.last_indices, st.last_assign = {}, {}
         if self.fallbacks:
             st.note_fallbacks(self.fallbacks)
-        s = st.stats
-        s.calls += 1
-        s.steps[p.plan.mode.value] += 1
-        s.tokens_total += p.tokens_total
-        s.tokens_computed += p.tokens_computed
-        s.cache_hits += p.cache_hits
-        s.block_hits.update(p.block_hits)
+        count_call(st, p)
 
     # -- accounting -----------------------------------------------------------------------------
     def flops(self, piece: AdaptivePiece) -> dict:

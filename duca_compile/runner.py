@@ -192,8 +192,7 @@ class GraphRunner(CompiledCallable):
 
     # -- one call -------------------------------------------------------------------------------
     def _shape_key(self, args) -> tuple:
-        return tuple((tuple(args[i].shape), args[i].dtype) if isinstance(args[i], torch.Tensor) else args[i]
-                     for i in self.user_indices)
+        return shape_key(args, self.user_indices)
 
     def piece(self, state) -> Piece:
         piece = state.pieces.get(self)
@@ -204,11 +203,7 @@ class GraphRunner(CompiledCallable):
     def __call__(self, *args):
         st = self.resolve(args)
         piece = self.piece(st)
-        shape_key, anchor = self._shape_key(args), id(args[self.resolve.anchor_index])
-        if st.shape_keys.get(anchor, shape_key) != shape_key:
-            st.stats.shape_resets += 1
-            st.epoch += 1                      # never mix caches of two shapes
-        st.shape_keys[anchor] = shape_key
+        note_shapes(st, id(args[self.resolve.anchor_index]), self._shape_key(args))
         i = self.timestep_index
         tracked = st.advance_piece((lambda: st.read_timestep(args[i])) if i is not None else None)
         slot = piece.slot(st.slot, self)
@@ -309,13 +304,32 @@ class GraphRunner(CompiledCallable):
         return cold
 
     def _count(self, st, p: _Planned, model_call: bool = True) -> None:
-        """Add one call's stats; ``model_call``: it is a model call (a block graph's call is one
-        only at the model call's first block), else only its tokens and hits count."""
-        s = st.stats
-        if model_call:
-            s.calls += 1
-            s.steps[p.plan.mode.value] += 1
-        s.tokens_total += p.tokens_total
-        s.tokens_computed += p.tokens_computed
-        s.cache_hits += p.cache_hits
-        s.block_hits.update(p.block_hits)
+        count_call(st, p, model_call)
+
+
+def shape_key(args, indices) -> tuple:
+    """What the user inputs at ``indices`` look like: a change means other caches."""
+    return tuple((tuple(args[i].shape), args[i].dtype) if isinstance(args[i], torch.Tensor) else args[i]
+                 for i in indices)
+
+
+def note_shapes(st, anchor: int, key: tuple) -> None:
+    """Record the input shapes of the graph piece ``anchor``; other shapes than last time start a
+    new epoch (never mix caches of two shapes)."""
+    if st.shape_keys.get(anchor, key) != key:
+        st.stats.shape_resets += 1
+        st.epoch += 1
+    st.shape_keys[anchor] = key
+
+
+def count_call(st, p: _Planned, model_call: bool = True) -> None:
+    """Add one call's stats; ``model_call``: it is a model call (a block graph's call is one only
+    at the model call's first block), else only its tokens and hits count."""
+    s = st.stats
+    if model_call:
+        s.calls += 1
+        s.steps[p.plan.mode.value] += 1
+    s.tokens_total += p.tokens_total
+    s.tokens_computed += p.tokens_computed
+    s.cache_hits += p.cache_hits
+    s.block_hits.update(p.block_hits)

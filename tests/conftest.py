@@ -19,3 +19,17 @@ def fresh_dynamo():
     with torch.no_grad():
         yield
     torch._dynamo.reset()
+
+
+@pytest.fixture
+def scalar_reads(monkeypatch):
+    """Counts the host's reads of tensor values (``.item()``, ``float(t)``, ``.tolist()``, ...)."""
+    reads = []
+    for name in ("item", "tolist", "__float__", "__int__", "__bool__", "__index__"):
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _original=original, _name=name):
+            reads.append(_name)
+            return _original(self, *args)
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    return reads

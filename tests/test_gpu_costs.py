@@ -19,20 +19,6 @@ from helpers import compile_regional, compile_tiny, run_against_oracle, timestep
 
 
 @pytest.fixture
-def scalar_reads(monkeypatch):
-    """Counts the host's reads of tensor values (``.item()``, ``float(t)``, ``.tolist()``, ...)."""
-    reads = []
-    for name in ("item", "tolist", "__float__", "__int__", "__bool__", "__index__"):
-        original = getattr(torch.Tensor, name)
-
-        def counted(self, *args, _original=original, _name=name):
-            reads.append(_name)
-            return _original(self, *args)
-        monkeypatch.setattr(torch.Tensor, name, counted)
-    return reads
-
-
-@pytest.fixture
 def as_device(monkeypatch):
     """CPU tensors read as a GPU's would be: each read counts as a host sync."""
     monkeypatch.setattr(TimestepReader, "free", ())
