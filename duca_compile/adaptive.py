@@ -213,5 +213,7 @@ def decisions(model) -> list[dict]:
     from .report import _require
 
     st = _require(model)
-    return [{k: d[k] for k in ("step", "slot", "diff", "computed")}
-            for _, piece in st.graphs() for d in getattr(piece, "decisions", ())]
+    made = [d for _, piece in st.graphs() for d in getattr(piece, "decisions", ())]
+    if st.regional is not None and st.regional.adaptive is not None:
+        made += st.regional.adaptive.decisions
+    return [{k: d[k] for k in ("step", "slot", "diff", "computed")} for d in made]

@@ -23,7 +23,8 @@ from .passes import CacheLayout, build_variant, find_sites, probe_subsets
 from .passes.graph_paths import graph_fake_mode, source_name as _source_name, timestep_input
 from .passes.specialize_shapes import is_dynamic, specialize_shapes
 from .adaptive import AdaptiveRunner
-from .passes.split_head import split_head
+from .adaptive_blocks import AdaptiveBlockRunner
+from .passes.split_head import block_streams, split_head
 from .policies import AdaptiveConfig, CacheConfig, DuCaConfig, Mode, make_policy
 from .policies.base import MIN_SUBSET
 from .regional import BlockLookup, BlockRunner, block_graph_key
@@ -94,10 +95,6 @@ class DuCaBackend:
         user = [i for i, (n, x) in enumerate(zip(placeholders, example_inputs))
                 if not isinstance(x, torch.nn.Parameter) and "_buffers" not in _source_name(n)]
         sitemap = find_sites(gm, type(module) if module is not None else None)
-        if sitemap.regional and isinstance(settings.config, AdaptiveConfig):
-            # no caching state at all: a regional state would hook the model for its step clock
-            _warn_plain(f"adaptive caching: {_ADAPTIVE_REGIONAL}", settings.inner)
-            return compile_variant(gm, example_inputs)
         if sitemap.regional:                   # one block's graph: the model's pre-hook gives the step
             lookup, ts = BlockLookup(settings, params[0], self.on_state), None
             resolve = lookup.state
@@ -120,6 +117,15 @@ class DuCaBackend:
             # before a graph break, the piece with the timestep tells the block pieces which step it is
             return TimestepClock(resolve, compiled, ts, sitemap.why_empty) if ts is not None else \
                 UncachedCall(resolve, compiled, sitemap.why_empty)
+        examples, strided = list(example_inputs), []
+        if sitemap.regional:
+            # Dynamo compiles the first block of a class apart (its input, the patch embedding's
+            # output, has other strides): compile for contiguous inputs, so that the graphs of one
+            # class can share their variants, and make such inputs contiguous at each call
+            strided = [i for i, x in enumerate(examples) if isinstance(x, torch.Tensor) and not x.is_contiguous()]
+            examples = [x.contiguous() if i in strided else x for i, x in enumerate(examples)]
+        if isinstance(settings.config, AdaptiveConfig) and sitemap.regional:
+            return _adaptive_blocks(gm, example_inputs, examples, strided, sitemap, settings, compile_variant, lookup, user, fallbacks)
         if isinstance(settings.config, AdaptiveConfig):
             return _adaptive(gm, example_inputs, sitemap, settings, compile_variant, resolve, ts, user, fallbacks)
         policy = make_policy(settings.config)
@@ -131,13 +137,6 @@ class DuCaBackend:
         fake_mode = graph_fake_mode(n.meta.get("example_value") for n in gm.graph.nodes) \
             or _torch.detect_fake_mode(example_inputs)
 
-        examples, strided = list(example_inputs), []
-        if sitemap.regional:
-            # Dynamo compiles the first block of a class apart (its input, the patch embedding's
-            # output, has other strides): compile for contiguous inputs, so that the graphs of one
-            # class can share their variants, and make such inputs contiguous at each call
-            strided = [i for i, x in enumerate(examples) if isinstance(x, torch.Tensor) and not x.is_contiguous()]
-            examples = [x.contiguous() if i in strided else x for i, x in enumerate(examples)]
         build = VariantBuilder(gm, examples, sitemap, layout, fake_mode, compile_variant)
         log.info("duca: %d sites in %d blocks%s; stack outputs %s", len(sitemap.sites), len(sitemap.blocks),
                  " (one block's graph: regional)" if sitemap.regional else "", sitemap.stack_outputs)
@@ -148,8 +147,16 @@ class DuCaBackend:
                            fallbacks=fallbacks)
 
 
-_ADAPTIVE_REGIONAL = ("regional compilation hands the backend one block at a time; adaptive caching needs the "
-                      "block stack in one graph (compile the whole transformer)")
+def _adaptive_blocks(gm, example_inputs, examples, strided, sitemap, settings, compile_variant, lookup, user, fallbacks):
+    """The runner of adaptive caching for one block graph of a regionally compiled model, or a plain
+    compile (no caching state at all) when the block's outputs do not continue its inputs."""
+    streams = block_streams(gm, examples)
+    if not streams:
+        _warn_plain(f"adaptive caching: {streams.why}", settings.inner)
+        return compile_variant(gm, example_inputs)
+    return AdaptiveBlockRunner(lookup, settings, sitemap, streams, gm, examples, compile_variant, user,
+                               strided=strided, share_key=(settings, *block_graph_key(gm, examples)),
+                               fallbacks=fallbacks)
 
 
 def _adaptive(gm, example_inputs, sitemap, settings, compile_variant, resolve, ts, user, fallbacks):

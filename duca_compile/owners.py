@@ -92,3 +92,17 @@ def modules_on_stack(anchor: torch.Tensor) -> list[tuple[torch.nn.Module, dict]]
             found[id(module)] = (module, frame.f_locals)
         frame = frame.f_back
     return list(found.values())
+
+
+def call_arguments(module: torch.nn.Module) -> tuple[tuple, dict] | None:
+    """(args, kwargs) ``module`` was called with, from the ``nn.Module`` call frame on the stack
+    (its forward may have rebound the names since), or None."""
+    frame = sys._getframe(1)
+    for _ in range(_STACK_DEPTH):
+        if frame is None:
+            return None
+        f = frame.f_locals
+        if frame.f_code.co_name == "_call_impl" and f.get("self") is module and "args" in f:
+            return f["args"], f.get("kwargs") or {}
+        frame = frame.f_back
+    return None

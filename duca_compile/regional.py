@@ -26,10 +26,10 @@ from .passes.graph_paths import ONE_BLOCK, TIMESTEP_NAMES
 from .passes.find_sites import Site
 from .policies import Mode, StepPlan
 from .policies.base import effective_mode
-from .runner import GraphRunner, Piece, derive
+from .runner import GraphRunner, Piece, derive, shape_key
 from .runtime import state_for
 
-__all__ = ["BlockRunner", "BlockLookup", "BlockStack", "SKIP_IN_REGIONAL", "block_graph_key"]
+__all__ = ["BlockRunner", "BlockLookup", "BlockStack", "SKIP_IN_REGIONAL", "block_graph_key", "enter_block"]
 
 # (settings, block graph key) -> the first BlockRunner of that graph: later graphs of one block class
 # (Dynamo compiles the first block apart, for its input strides) share its compiled variants
@@ -67,6 +67,7 @@ class BlockStack:
         self.sites: list[Site] = []
         self.plans: dict = {}                    # (step, num_steps) -> (plan, actions, skip) for every site
         self.clusters: dict[int, dict] = {}      # slot -> ClusCa's clusters per token count (shared by blocks)
+        self.adaptive = None                     # adaptive_blocks.AdaptiveStack, with AdaptiveConfig
         self.call = -1                           # st.clock_calls of the model call being run
         self.reset_at = -1                       # model call whose shape change already started a request
 
@@ -186,9 +187,15 @@ def _timestep_parameter(module) -> tuple[int, str] | None:
 
 
 def _timestep_in(module, frame_locals: dict):
+    """The timestep ``module`` was called with: from its call's arguments (PixArt's forward rebinds
+    ``timestep`` to its embedding before the blocks run), else from its forward's locals."""
     param = _timestep_parameter(module)
     if param is None:
         return None
+    called = owners.call_arguments(module)
+    if called is not None:
+        args, kwargs = called
+        return kwargs.get(param[1], args[param[0]] if param[0] < len(args) else None)
     return frame_locals.get(param[1], (frame_locals.get("kwargs") or {}).get(param[1]))
 
 
@@ -213,6 +220,33 @@ def _hook(model: torch.nn.Module) -> None:
                 _clock(st, t)
 
     owner.clock_hook = model.register_forward_pre_hook(mark_call, with_kwargs=True)
+
+
+def enter_block(runner, args) -> tuple:
+    """What every block runner does first at a call: find the model's state and the block, mark a
+    new model call (at its first block), and start a new request where the inputs' shapes changed
+    or Dynamo moved the block to another graph. Returns (state, block, tracked, first block)."""
+    st, block = runner.resolve(args, runner)
+    stack = st.regional
+    tracked = st.advance_piece(None)                  # the model's pre-hook gave the timestep
+    first = stack.call != st.clock_calls
+    if first:
+        stack.call = st.clock_calls
+        st.last_indices, st.last_assign = {}, {}
+    key, anchor = shape_key(args, runner.user_indices), id(args[runner.resolve.anchor_index])
+    reshaped = st.shape_keys.get(anchor, key) != key
+    if block.moved and not reshaped:
+        # Dynamo recompiled this block for the same shapes: the new graph's caches start empty
+        st.warn_once("regraph", f"duca: block {block.name} now runs in another compiled graph (a Dynamo "
+                     "recompile); its caches there start empty, so the request restarts from a full step")
+    if (reshaped or block.moved) and stack.reset_at != st.clock_calls:
+        st.stats.shape_resets += reshaped
+        st.epoch += 1                                  # never mix caches of two shapes, once per model call
+        stack.reset_at = st.clock_calls
+    block.moved = False
+    st.shape_keys[anchor] = key
+    stack.current[block.layer] = block
+    return st, block, tracked, first
 
 
 def block_graph_key(gm, examples) -> tuple:
@@ -245,27 +279,8 @@ class BlockRunner(GraphRunner):
     def __call__(self, *args):
         if self.strided:
             args = tuple(a.contiguous() if i in self.strided else a for i, a in enumerate(args))
-        st, block = self.resolve(args, self)
-        stack = st.regional
-        tracked = st.advance_piece(None)                  # the model's pre-hook gave the timestep
-        first = stack.call != st.clock_calls
-        if first:
-            stack.call = st.clock_calls
-            st.last_indices, st.last_assign = {}, {}
-        shape_key, anchor = self._shape_key(args), id(args[self.resolve.anchor_index])
-        reshaped = st.shape_keys.get(anchor, shape_key) != shape_key
-        if block.moved and not reshaped:
-            # Dynamo recompiled this block for the same shapes: the new graph's caches start empty
-            st.warn_once("regraph", f"duca: block {block.name} now runs in another compiled graph (a Dynamo "
-                         "recompile); its caches there start empty, so the request restarts from a full step")
-        if (reshaped or block.moved) and stack.reset_at != st.clock_calls:
-            st.stats.shape_resets += reshaped
-            st.epoch += 1                                  # never mix caches of two shapes, once per model call
-            stack.reset_at = st.clock_calls
-        block.moved = False
-        st.shape_keys[anchor] = shape_key
-        piece = block.piece
-        stack.current[block.layer] = block
+        st, block, tracked, first = enter_block(self, args)
+        stack, piece = st.regional, block.piece
         slot = piece.slot(st.slot, self)
         slot.clusters = stack.clusters.setdefault(st.slot, slot.clusters)
         if not tracked:

@@ -51,6 +51,8 @@ def stats(model, flops: bool = True) -> dict:
     out["config"] = st.config
     out["uncached"] = list(st.uncached)
     out["cache_bytes"] = sum(piece.cache_bytes() for _, piece in st.graphs())
+    if st.regional is not None and st.regional.adaptive is not None:
+        out["cache_bytes"] += st.regional.adaptive.cache_bytes()
     out["token_ratio"] = out["tokens_computed"] / out["tokens_total"] if out["tokens_total"] else 1.0
     if flops:
         out.update(counted)
@@ -139,7 +141,8 @@ def explain(model, as_text: bool = True, num_steps: int | None = None):
         if "adaptive" in g:
             a = g["adaptive"]
             lines.append(f"  adaptive: head {a['head']}, {len(a['middle'])} middle blocks cached as one residual, "
-                         f"tail {a['tail']}; {a['crossing']} values cross from HEAD in caches")
+                         f"tail {a['tail']}" + (f"; {a['crossing']} values cross from HEAD in caches"
+                                                if a["crossing"] is not None else ""))
             if a["decisions"]:
                 lines.append("  last request: " + "".join("C" if d["computed"] else "." for d in a["decisions"])
                              + "  (C computed, . cached)")
@@ -167,6 +170,7 @@ def explain(model, as_text: bool = True, num_steps: int | None = None):
 def _regional_entry(stack, num_steps: int | None) -> dict:
     """``explain``'s entry for a model compiled block by block: its blocks and sites under their
     real names, each block graph's variants, and the plan the blocks share."""
+    from .adaptive_blocks import ADAPTIVE_IN_REGIONAL
     from .regional import SKIP_IN_REGIONAL
 
     runners = list(dict.fromkeys(r for r, _ in stack.graphs()))
@@ -184,12 +188,23 @@ def _regional_entry(stack, num_steps: int | None) -> dict:
         "stack_outputs": list(runners[-1].sitemap.stack_outputs) if runners else [],
         "variants": {f"graph {i}: {_variant_name(k)}": count_ops(g) for i, r in enumerate(runners)
                      if getattr(r, "leader", None) not in runners for k, g in r.variant_graphs.items()},
-        "plan": _plan(stack, num_steps),
-        "skip": SKIP_IN_REGIONAL,
+        "plan": _plan(stack, num_steps) if stack.adaptive is None else [],
+        "skip": SKIP_IN_REGIONAL if stack.adaptive is None else ADAPTIVE_IN_REGIONAL,
+        **({"adaptive": _adaptive_blocks_entry(stack)} if stack.adaptive is not None else {}),
     }
 
 
+def _adaptive_blocks_entry(stack) -> dict:
+    a, names = stack.adaptive, [b.name for b in stack.blocks]
+    fn, bn = a.config.head_blocks, a.config.tail_blocks
+    middle = names[fn:len(names) - bn] if a.length is not None and not a.refused else []
+    return {"head": names[:fn], "middle": middle, "tail": names[len(names) - bn:] if middle and bn else [],
+            "crossing": None, "decisions": [dict(d) for d in a.decisions]}
+
+
 def _variant_name(key) -> str:
+    if isinstance(key, str):                   # adaptive caching's graphs: named
+        return key
     skip, actions = key
     mode = effective_mode(dict(actions), skip)
     computed = sum(a == "compute" for _, a in actions)

@@ -282,11 +282,12 @@ def test_one_host_read_per_decided_step_and_no_recompile_over_three_requests(sca
     assert s["steps"]["skip"] > 0
 
 
-def test_separate_cfg_calls_decide_per_branch():
+@pytest.mark.parametrize("regional", [False, True])
+def test_separate_cfg_calls_decide_per_branch(regional):
     """Two calls per step (cond, then uncond) get two cache slots: each compares with its own
     last computed step, as cache-dit's separate-CFG does."""
     config = AdaptiveConfig(threshold=0.12)
-    model, fast = compile_tiny("dit", config)
+    model, fast = compile_regional("dit", config) if regional else compile_tiny("dit", config)
     oracle = AdaptiveReference(copy.deepcopy(model), config, BLOCKS["dit"])
     kw = make_inputs("dit", model, batch=1)
     x = {0: kw["hidden_states"].clone(), 1: kw["hidden_states"].clone() * 0.5}
@@ -305,8 +306,10 @@ def test_separate_cfg_calls_decide_per_branch():
     assert marks(d["computed"] for d in made) == marks(c for c, _ in oracle.decisions)
 
 
-def test_a_batch_change_mid_request_starts_over():
-    model, fast = compile_tiny("dit", AdaptiveConfig(threshold=10.0))
+@pytest.mark.parametrize("regional", [False, True])
+def test_a_batch_change_mid_request_starts_over(regional):
+    config = AdaptiveConfig(threshold=10.0)
+    model, fast = compile_regional("dit", config) if regional else compile_tiny("dit", config)
     denoise(lambda i, **kw: fast(**kw), "dit", model, 3, batch=2)
     kw = make_inputs("dit", model, batch=1)
     fast(**dict(kw, timestep=torch.full((1,), timesteps(3)[2] - 1)))
@@ -323,11 +326,83 @@ def test_no_block_left_to_cache_warns_and_runs_plainly():
     assert "leave no block" in " ".join(duca_compile.stats(fast, flops=False)["uncached"])
 
 
-def test_regional_compilation_warns_and_runs_plainly():
-    with pytest.warns(UserWarning, match="needs the block stack in one graph"):
-        twin, model = compile_regional("dit", AdaptiveConfig())
-        kw = make_inputs("dit", twin)
-        torch.testing.assert_close(model(**kw)[0], twin(**kw)[0])
+# -- regional compilation ---------------------------------------------------------------------------
+
+@given(family=st.sampled_from(["dit", "pixart", "flux"]), head=st.integers(1, 2), tail=st.integers(0, 1),
+       threshold=st.floats(0.0, 0.6), warmup=st.integers(0, 2), consecutive=st.none() | st.integers(1, 3),
+       accumulated=st.none() | st.floats(0.5, 3.0), forecast=st.sampled_from(["reuse", "taylorseer"]),
+       order=st.integers(1, 2))
+def test_regional_adaptive_equals_the_oracle(family, head, tail, threshold, warmup, consecutive, accumulated,
+                                             forecast, order):
+    """``compile_repeated_blocks``: the decision is taken between the block graphs, after block
+    Fn − 1; cached middle blocks do not run their graph. Same decisions and outputs as the oracle."""
+    blocks = BLOCKS[family]
+    assume(head + tail < len(blocks))
+    torch._dynamo.reset()
+    config = AdaptiveConfig(head_blocks=head, tail_blocks=tail, threshold=threshold, warmup=warmup,
+                            max_consecutive_cached=consecutive, max_accumulated_diff=accumulated, forecast=forecast,
+                            forecast_order=order)
+    twin, model = compile_regional(family, config)
+    oracle = AdaptiveReference(copy.deepcopy(twin), config, blocks)
+    got = denoise(lambda i, **kw: model(**kw), family, twin, 8)
+    want = denoise(lambda i, **kw: oracle.run(i, new_request=i == 0, **kw), family, twin, 8)
+    made = decisions(model)
+    assume(not near_threshold([d["diff"] for d in made], threshold))
+    assert marks(d["computed"] for d in made) == marks(c for c, _ in oracle.decisions)
+    for i, (a, b) in enumerate(zip(got, want)):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4, msg=lambda m: f"step {i}: {m}")
+    cached = sum(not d["computed"] for d in made)
+    s = duca_compile.stats(model)
+    assert s["steps"]["skip"] == cached and s["steps"]["full"] == 8 - cached
+    middle = blocks[head:len(blocks) - tail]
+    ran = {b.name: b.piece.variant_calls["FULL"] for b in state_of(model).regional.views}
+    assert all(ran[b] == 8 - cached for b in middle) and all(ran[b] == 8 for b in blocks if b not in middle)
+    assert (s["cache_hits"] > 0) == (cached > 0) and (s["flop_ratio"] < 1) == (cached > 0)
+
+
+def test_regional_equals_whole_model_adaptive():
+    config = AdaptiveConfig(threshold=0.45, tail_blocks=1, forecast="taylorseer")
+    model, whole = compile_tiny("flux", config)
+    twin, regional = compile_regional("flux", config)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), twin.state_dict().values()))
+    a = denoise(lambda i, **kw: whole(**kw), "flux", model, 8)
+    b = denoise(lambda i, **kw: regional(**kw), "flux", twin, 8)
+    assert [d["computed"] for d in decisions(whole)] == [d["computed"] for d in decisions(regional)]
+    assert 0 < sum(d["computed"] for d in decisions(regional)) < 8
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.smoke
+def test_regional_one_host_read_per_decided_step_and_no_recompile(scalar_reads):
+    """F1B0 on Flux: the middle block hands the double block's (strided) streams on unchanged, in
+    the strides its graph returns, so the next block graph's guards hold: no recompile over three
+    requests, and inside sampling() one host read per step the threshold decides."""
+    twin, model = compile_regional("flux", AdaptiveConfig(threshold=0.45))
+    denoise(lambda i, **kw: model(**kw), "flux", twin, 1)      # compiles every block graph
+    duca_compile.reset(model)
+    with torch.compiler.set_stance("fail_on_recompile"):
+        for r in range(3):
+            before = len(scalar_reads)
+            with sampling(model, num_steps=8):
+                denoise(lambda i, **kw: model(**kw), "flux", twin, 8, seed=r)
+            made = decisions(model)
+            assert len(scalar_reads) - before == sum(d["diff"] is not None for d in made) == 7
+    s = duca_compile.stats(model, flops=False)
+    assert s["decision_reads"] == 21 and s["steps"]["skip"] > 0
+    passed = {b.name: b.piece.variant_calls["PASS"] for b in state_of(model).regional.views}
+    assert passed["single_transformer_blocks.0"] > 0
+
+
+def test_regional_no_block_left_to_cache_warns_and_runs_plainly():
+    twin, model = compile_regional("dit", AdaptiveConfig(head_blocks=1, tail_blocks=1, threshold=10.0))
+    with pytest.warns(UserWarning, match="leave no block to cache"):
+        got = denoise(lambda i, **kw: model(**kw), "dit", twin, 3)
+    want = denoise(lambda i, **kw: twin(**kw), "dit", twin, 3)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+    s = duca_compile.stats(model, flops=False)
+    assert s["steps"]["full"] == 3 and "leave no block" in " ".join(s["uncached"])
 
 
 # -- Inductor, end to end ---------------------------------------------------------------------------
@@ -399,6 +474,21 @@ def test_a_stack_that_cannot_be_cut_warns_and_runs_plainly(family):
     assert REFUSED[family] in " ".join(duca_compile.stats(fast, flops=False)["uncached"])
 
 
+@pytest.mark.inductor
+def test_inductor_regional_adaptive_equals_the_oracle():
+    config = AdaptiveConfig(threshold=0.3, forecast="taylorseer")
+    twin, model = compile_regional("dit", config, inner="inductor")
+    oracle = AdaptiveReference(copy.deepcopy(twin), config, BLOCKS["dit"])
+    got = denoise(lambda i, **kw: model(**kw), "dit", twin, 8)
+    want = denoise(lambda i, **kw: oracle.run(i, new_request=i == 0, **kw), "dit", twin, 8)
+    made = decisions(model)
+    assert marks(d["computed"] for d in made) == marks(c for c, _ in oracle.decisions)
+    assert 0 < sum(d["computed"] for d in made) < 8
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-3)
+    assert duca_compile.stats(model, flops=False)["variants_compiled"] == 1    # one block graph, shared
+
+
 def test_flops_report_refuses_a_config_decided_at_run_time():
     from duca_compile.models import make_model
 
@@ -419,3 +509,17 @@ def test_enable_on_a_pipeline_decides_each_request_afresh():
         assert marks(d["computed"] for d in decisions(pipe.transformer)) == "C...."
     s = duca_compile.stats(pipe.transformer, flops=False)
     assert s["requests"] == 2 and s["steps"]["skip"] == 8 and s["decision_reads"] == 8
+
+
+def test_enable_with_regional_compilation_decides_between_the_block_graphs():
+    from duca_compile.models import make_pipeline, pipeline_call_kwargs
+
+    pipe = make_pipeline("flux")
+    duca_compile.enable(pipe, dataclasses.replace(duca_compile.presets("any", "fbcache"), threshold=1e9),
+                        inner="eager", regional=True)
+    for _ in range(2):
+        pipe(**pipeline_call_kwargs("flux", pipe, num_inference_steps=5))
+        assert marks(d["computed"] for d in decisions(pipe.transformer)) == "C...."
+    s = duca_compile.stats(pipe.transformer, flops=False)
+    assert s["requests"] == 2 and s["steps"]["skip"] == 8 and s["decision_reads"] == 8
+    assert "adaptive: head ['transformer_blocks.0']" in duca_compile.explain(pipe.transformer)

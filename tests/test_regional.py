@@ -144,13 +144,17 @@ def test_a_batch_change_restarts_the_request_once_for_every_block():
     assert st.stats.shape_resets == 1 and st.last_plan.mode.value == "reuse"
 
 
-def test_timestep_tracking_without_sampling_uses_the_model_call():
-    """Flux blocks never see the timestep: the model's forward pre-hook hands it over."""
-    twin, model = compile_regional("flux", FORAConfig(interval=2))
+@pytest.mark.parametrize("family", ["flux", "pixart"])
+def test_timestep_tracking_without_sampling_uses_the_model_call(family):
+    """Flux blocks never see the timestep: the model's forward pre-hook hands it over. The first
+    call, which runs before the hook exists, takes it from the call's arguments: PixArt's forward
+    has rebound ``timestep`` to its embedding by then (read as a step, it started a second request)."""
+    twin, model = compile_regional(family, FORAConfig(interval=2))
     for i, t in enumerate(timesteps(4)):
-        model(**make_inputs("flux", model, timestep=t, seed=i))
+        model(**make_inputs(family, model, timestep=t, seed=i))
     st = state_of(model)
     assert st.stats.calls == 4 and dict(st.stats.steps)["reuse"] == 2 and st.stats.fallback_calls == 0
+    assert st.stats.requests == 1
 
 
 def test_grad_mode_runs_blocks_plainly_and_restarts_caching():

@@ -20,11 +20,12 @@ import torch.fx as fx
 
 from .. import _torch
 from .clone_graph import clone_graph
-from .find_sites import SiteMap
+from .find_sites import LATENT_INPUT, SiteMap
+from .graph_paths import source_name
 from .graph_paths import block_path
 from .remove_dead_code import _alias_groups, _mutated, remove_dead_code
 
-__all__ = ["HeadSplit", "split_head", "build_head", "build_rest"]
+__all__ = ["HeadSplit", "split_head", "build_head", "build_rest", "BlockStreams", "block_streams"]
 
 aten = torch.ops.aten
 
@@ -123,6 +124,51 @@ def split_head(gm: fx.GraphModule, sitemap: SiteMap, head_blocks: int, tail_bloc
                                   f"leaving {split.head[-1]}")
         split.pairs.append((n.name, h.name))
     return split
+
+
+
+@dataclass
+class BlockStreams:
+    """How one block graph's outputs continue its inputs (regional adaptive caching): a cached
+    middle block hands each input on as the output it pairs with."""
+
+    sources: list[int] = field(default_factory=list)     # per output: the argument it continues
+    names: list[str] = field(default_factory=list)       # per output: that argument's name (pairs blocks)
+    latent_in: int = -1             # the ``hidden_states`` argument
+    latent_out: int = -1            # the output continuing it
+    why: str = ""
+
+    def __bool__(self) -> bool:
+        return not self.why
+
+
+def block_streams(gm: fx.GraphModule, example_inputs) -> BlockStreams:
+    """Pair each output of a block graph with the input of its shape it is most directly computed
+    from (a residual stream reaches its own input in a few adds; refused on a tie or none)."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    inputs = [n for n, x in zip(placeholders, example_inputs)
+              if isinstance(x, torch.Tensor) and not isinstance(x, torch.nn.Parameter) and _is_tensor(n)]
+    out = gm.graph.output_node().args[0]
+    streams = BlockStreams()
+    for i, node in enumerate(out if isinstance(out, (tuple, list)) else (out,)):
+        if not isinstance(node, fx.Node) or not _is_tensor(node):
+            return _refuse(streams, f"output {i} of the block is no tensor")
+        same = [c for c in inputs if _spec(c)[:2] == _spec(node)[:2]]
+        scored = sorted((_distance(node, c), j) for j, c in enumerate(same))
+        if not scored or scored[0][0] == float("inf"):
+            return _refuse(streams, f"output {i} of the block continues no input of its shape")
+        if len(scored) > 1 and scored[1][0] == scored[0][0]:
+            return _refuse(streams, f"output {i} of the block continues two inputs of its shape equally "
+                                    f"({same[scored[0][1]].name}, {same[scored[1][1]].name})")
+        source = same[scored[0][1]]
+        streams.sources.append(placeholders.index(source))
+        streams.names.append(source_name(source))
+    latent = [placeholders.index(n) for n in inputs if LATENT_INPUT.search(source_name(n))]
+    if len(latent) != 1 or latent[0] not in streams.sources:
+        return _refuse(streams, "no output of the block continues its hidden_states input")
+    streams.latent_in = latent[0]
+    streams.latent_out = streams.sources.index(latent[0])
+    return streams
 
 
 def _head_nodes(graph: fx.Graph, nodes: list, head: set, middle: set) -> set:
