@@ -1,4 +1,4 @@
-"""``python -m benchmarks train|fidelity|speed|flops|subset_k|dispatch|compile|plot [--quick] [--device cuda]``,
+"""``python -m benchmarks train|fidelity|speed|flops|subset_k|dispatch|compile|adaptive|two-thresholds|plot [--quick] [--device cuda]``,
 ``python -m benchmarks gpu --out DIR [--device cuda|cpu] [--tiny] [--sections a,b]``
 
 Results land in ``benchmarks/results/`` as markdown (with the device and versions), JSON and PNG;
@@ -362,6 +362,32 @@ def _adaptive_heldout(args) -> None:
     print(path.read_text())
 
 
+TWO_THRESHOLD_COLUMNS = {"method": ("method", "{}"), "knob": ("knob", "{}"), "full": ("full", "{:.0f}"),
+                         "conservative": ("conservative", "{:.0f}"), "aggressive": ("aggressive", "{:.0f}"),
+                         "PSNR (dB)": ("psnr", "{:.2f}"), "FLOP ratio": ("flop_ratio", "{:.1%}")}
+
+
+def two_thresholds(args) -> None:
+    """adaptive decisions choosing DuCa's full / conservative / aggressive steps by two thresholds"""
+    from .models import load_dit
+    from .two_thresholds import QUICK, STANDARD, run
+
+    setup = QUICK if args.quick else STANDARD
+    rows = run(setup, load_dit(), progress=_progress())
+    name = "two_thresholds" + _suffix(args.quick)
+    text = (f"The trained digits DiT, DDIM {setup.steps} steps, guidance {setup.guidance}, one request of "
+            f"{setup.batch} samples per row, duca's variants through the eager inner compiler (no wall-clock). "
+            "Each step's diff (block 0's residual against the last full step's) picks the step: above `high` "
+            f"full, above `low` conservative ({setup.ratio:.0%} of each site's tokens recomputed past block 0), "
+            "else aggressive (every site past block 0 reused). Steps: per kind, per request. PSNR against the "
+            "uncached samples; FLOP ratio: the variants run over the uncached model's.\n\n"
+            + markdown_table(rows, TWO_THRESHOLD_COLUMNS) + "\n")
+    path = write(args.out, name, "Adaptive decisions between DuCa's three steps", text, rows, environment(),
+                 presets=("dit-xl-2:duca",))
+    plot_tradeoff(rows, args.out / f"{name}.png", x="flop_speedup", xlabel="FLOP speed-up (1 / FLOP ratio)")
+    print(path.read_text())
+
+
 def _bar_plot(out, name: str) -> None:
     import json
 
@@ -429,7 +455,8 @@ def main(argv=None) -> None:
                        "no limit on cpu); a section stops starting rows past its share")
     check.set_defaults(fn=gpu)
     for name, fn in (("fidelity", fidelity), ("speed", speed), ("flops", flops), ("subset_k", subset_k),
-                     ("dispatch", dispatch), ("compile", compile_cost), ("adaptive", adaptive)):
+                     ("dispatch", dispatch), ("compile", compile_cost), ("adaptive", adaptive),
+                     ("two-thresholds", two_thresholds)):
         p = sub.add_parser(name, help=(fn.__doc__ or name).strip())
         p.add_argument("--quick", action="store_true", help="a few minutes on the CPU")
         p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])

@@ -59,6 +59,19 @@ def test_quick_adaptive_pairs_each_peer_with_duca_at_the_same_steps(tmp_path):
     assert (tmp_path / "adaptive_quick.png").stat().st_size > 1000
 
 
+def test_two_thresholds_run_all_three_kinds_of_step_and_count_them_as_duca_does():
+    """The experiment's decider and duca's own stats agree on every step's kind (``run`` asserts it),
+    and a two-threshold row reaches every kind: full, conservative and aggressive."""
+    from benchmarks.models import load_dit
+    from benchmarks.two_thresholds import QUICK, run
+
+    rows = run(QUICK, load_dit(), rows=[("2 thresholds", "0.16/0.32", (0.16, 0.32)),
+                                        ("1 threshold", "0.16", (0.16, 0.16))])
+    both, one = rows
+    assert both.full and both.conservative and both.aggressive and both.full + both.conservative + both.aggressive == 8
+    assert one.conservative == 0 and one.aggressive > 0 and 0 < both.flop_ratio < 1 and both.psnr > 20
+
+
 def test_quick_speed_and_flops_write_their_tables(tmp_path):
     main(["speed", "--quick", "--out", str(tmp_path)])
     rows = json.loads((tmp_path / "speed_quick.json").read_text())["rows"]

@@ -11,7 +11,8 @@ from benchmarks.results_io import RESULTS, _explicit, preset_fingerprints, stale
 COMMITTED = sorted(p for p in RESULTS.glob("*.json") if not p.stem.endswith("_quick"))
 RERUN = {"speed": "speed", "compile": "compile", "dispatch": "dispatch", "subset_k": "subset_k",
          "fidelity": "fidelity", "fidelity_heldout": "fidelity --only-heldout", "flops": "flops",
-         "context_parallel": "speed --world 2", "adaptive": "adaptive", "adaptive_heldout": "adaptive --heldout-only"}
+         "context_parallel": "speed --world 2", "adaptive": "adaptive", "adaptive_heldout": "adaptive --heldout-only",
+         "two_thresholds": "two-thresholds"}
 
 
 def test_every_results_file_is_known():
