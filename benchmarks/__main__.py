@@ -1,4 +1,4 @@
-"""``python -m benchmarks train|fidelity|speed|flops|subset_k|dispatch|compile|adaptive|two-thresholds|plot [--quick] [--device cuda]``,
+"""``python -m benchmarks train|fidelity|speed|flops|subset_k|dispatch|compile|adaptive|adaptive-cond|two-thresholds|plot [--quick] [--device cuda]``,
 ``python -m benchmarks gpu --out DIR [--device cuda|cpu] [--tiny] [--sections a,b]``
 
 Results land in ``benchmarks/results/`` as markdown (with the device and versions), JSON and PNG;
@@ -388,6 +388,32 @@ def two_thresholds(args) -> None:
     print(path.read_text())
 
 
+COND_COLUMNS = {"design": ("design", "{}"), "knob": ("knob", "{}"), "computed steps": ("computed", "{:.0f}"),
+                "PSNR (dB)": ("psnr", "{:.2f}"), "request s": ("seconds", "{:.2f}"),
+                "speed-up vs compile": ("speedup", "{:.2f}x"), "compile s": ("compile_seconds", "{:.1f}"),
+                "host reads per request": ("host_reads", "{}")}
+
+
+def adaptive_cond(args) -> None:
+    """the adaptive decision read on the host (duca) against torch.cond in one graph (experiment)"""
+    from .adaptive_cond import QUICK, STANDARD, run
+    from .models import load_dit
+
+    setup = QUICK if args.quick else STANDARD
+    rows = run(setup, load_dit(), progress=_progress())
+    name = "adaptive_cond" + _suffix(args.quick)
+    text = (f"The trained digits DiT, DDIM {setup.steps} steps, guidance {setup.guidance}, requests of {setup.batch} "
+            f"samples through {setup.compiler}: one warm-up request per row, then {setup.turns} timed turns (one "
+            "request per row per turn); request time: their median. (a): duca's adaptive runner (HEAD, one host "
+            "read, COMPUTE or REUSE); (b): the same three graphs in one compiled function, `torch.cond` choosing, "
+            "as the issue proposed. PSNR against plain torch.compile's samples. Host reads: tensor values read on the "
+            "host during one more request per row (counted apart from the timed ones; `computed steps` reads the "
+            "flags of (b) after each request, outside it).\n\n"
+            + markdown_table(rows, COND_COLUMNS) + "\n")
+    path = write(args.out, name, "Adaptive decision: host read against torch.cond", text, rows, environment())
+    print(path.read_text())
+
+
 def _bar_plot(out, name: str) -> None:
     import json
 
@@ -456,7 +482,7 @@ def main(argv=None) -> None:
     check.set_defaults(fn=gpu)
     for name, fn in (("fidelity", fidelity), ("speed", speed), ("flops", flops), ("subset_k", subset_k),
                      ("dispatch", dispatch), ("compile", compile_cost), ("adaptive", adaptive),
-                     ("two-thresholds", two_thresholds)):
+                     ("two-thresholds", two_thresholds), ("adaptive-cond", adaptive_cond)):
         p = sub.add_parser(name, help=(fn.__doc__ or name).strip())
         p.add_argument("--quick", action="store_true", help="a few minutes on the CPU")
         p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])

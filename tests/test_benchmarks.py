@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 
+import duca_compile
 from benchmarks.__main__ import main
 from duca_compile import _torch
 from duca_compile.runtime import CONTEXT_PARALLEL_TORCH
@@ -70,6 +71,48 @@ def test_two_thresholds_run_all_three_kinds_of_step_and_count_them_as_duca_does(
     both, one = rows
     assert both.full and both.conservative and both.aggressive and both.full + both.conservative + both.aggressive == 8
     assert one.conservative == 0 and one.aggressive > 0 and 0 < both.flop_ratio < 1 and both.psnr > 20
+
+
+def test_torch_cond_design_decides_as_the_host_read_design_and_reads_the_predicate_each_step(scalar_reads):
+    """Design (b) of the adaptive decision (``benchmarks.adaptive_cond``): the same steps and outputs
+    as duca's runner, no recompile. It does not remove the host read: torch runs ``cond`` by reading
+    its predicate on the host (eager / aot_eager: ``if pred``; Inductor's wrapper: ``pred.item()``),
+    on every step, where duca's runner reads only on the steps its threshold decides."""
+    import copy
+
+    from benchmarks.adaptive_cond import cond_backend, computed_steps
+    from duca_compile import AdaptiveConfig, sampling
+    from duca_compile.adaptive import decisions
+    from duca_compile.models import make_inputs, make_model
+
+    config = AdaptiveConfig(threshold=0.15, warmup=2)
+    model = make_model("dit")
+    a = torch.compile(copy.deepcopy(model), backend=duca_compile.duca_backend(config, inner="eager"),
+                      fullgraph=True, dynamic=False)
+    b = torch.compile(copy.deepcopy(model), backend=cond_backend(config, "aot_eager"), fullgraph=True, dynamic=False)
+    kw = make_inputs("dit", model, batch=2)
+    x0 = kw.pop("hidden_states")
+    kw.pop("timestep")
+
+    def request(fast):
+        x, outs, before = x0.clone(), [], len(scalar_reads)
+        with sampling(fast, num_steps=8):
+            for t in torch.linspace(900, 100, 8):
+                out = fast(**kw, hidden_states=x, timestep=t.expand(2))[0]
+                outs.append(out)
+                x = x - 0.05 * out[:, :x.shape[1]]
+        return outs, len(scalar_reads) - before
+
+    request(a)
+    request(b)                                  # compiles
+    with torch.compiler.set_stance("fail_on_recompile"):
+        want, reads_a = request(a)
+        got, reads_b = request(b)
+    flags = computed_steps(b)
+    assert flags == [d["computed"] for d in decisions(a)] and 3 < sum(flags) < 8
+    assert reads_a == 6 and reads_b == 8        # (a): steps 2..7; (b): every step, warm-up included
+    for x, y in zip(got, want):
+        torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-4)
 
 
 def test_quick_speed_and_flops_write_their_tables(tmp_path):
