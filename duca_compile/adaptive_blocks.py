@@ -94,11 +94,11 @@ class AdaptiveStack:
                                  f"cache in a stack of {blocks}")
             for slot in self.slots.values():
                 if slot.pending is not None and not self.refused:
-                    layer, step, residuals = next(p for p in slot.pending if p[0] == self.middle_last)
-                    if isinstance(residuals, str):
-                        self._refuse(st, residuals)
+                    kept = next((p for p in slot.pending if p[0] == self.middle_last), None)
+                    if kept is None or isinstance(kept[2], str):
+                        self._refuse(st, kept[2] if kept else "the first call ran fewer blocks than a stack holds")
                     else:
-                        self._anchor(slot, step, residuals)
+                        self._anchor(slot, kept[1], kept[2])
                 slot.pending = None
         self.calls += 1
 
@@ -184,7 +184,8 @@ class AdaptiveBlockRunner(CompiledCallable):
         self.fallbacks = list(fallbacks)
         self.variant_graphs = {FULL: gm}
         out = gm.graph.output_node().args[0]
-        self.out_strides = [n.meta["example_value"].stride() for n in (out if isinstance(out, (tuple, list)) else (out,))]
+        outs = out if isinstance(out, (tuple, list)) else (out,)
+        self.out_strides = [n.meta["example_value"].stride() for n in outs]
         self.fn = None
         self.compiles = 0
         self.leader = _LEADERS.get(share_key) if share_key is not None else None
@@ -231,11 +232,16 @@ class AdaptiveBlockRunner(CompiledCallable):
         if layer < c.head_blocks or (middle_last is not None and layer > middle_last) or a.compute:
             out = fn(*args)
             if layer == c.head_blocks - 1:
-                a.compute = a.decide(st, slot, out[s.latent_out], tracked)
+                latent = out[s.latent_out]
+                if latent.shape != a.enter.shape:
+                    a._refuse(st, f"the head's latent output {tuple(latent.shape)} does not continue block 0's "
+                                  f"input {tuple(a.enter.shape)}")
+                    return FULL, out
+                a.compute = a.decide(st, slot, latent, tracked)
                 a.head = dict(zip(s.names, out))
             elif layer >= c.head_blocks and a.compute and (middle_last is None or layer == middle_last):
                 residuals = a.residuals(s, out)
-                if middle_last is None:         # the first call: which block is the last middle one is not known yet
+                if middle_last is None:         # first call: the last middle block is not known yet
                     if slot.pending is None:
                         slot.pending = deque(maxlen=c.tail_blocks + 1)
                     slot.pending.append((layer, st.step, residuals))

@@ -125,7 +125,8 @@ class DuCaBackend:
             strided = [i for i, x in enumerate(examples) if isinstance(x, torch.Tensor) and not x.is_contiguous()]
             examples = [x.contiguous() if i in strided else x for i, x in enumerate(examples)]
         if isinstance(settings.config, AdaptiveConfig) and sitemap.regional:
-            return _adaptive_blocks(gm, example_inputs, examples, strided, sitemap, settings, compile_variant, lookup, user, fallbacks)
+            return _adaptive_blocks(gm, example_inputs, examples, strided, sitemap, settings, compile_variant, lookup,
+                                    user, fallbacks)
         if isinstance(settings.config, AdaptiveConfig):
             return _adaptive(gm, example_inputs, sitemap, settings, compile_variant, resolve, ts, user, fallbacks)
         policy = make_policy(settings.config)
