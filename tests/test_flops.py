@@ -131,6 +131,14 @@ def test_dit_xl_2_duca_reproduces_the_published_flop_speedups():
     assert whole["speedup_flops"] < 0.95 * 2.48 and whole["steps"]["full"] == 20
 
 
+
+def test_flux_dev_duca_reproduces_the_published_flop_speedup():
+    """DuCa on FLUX.1-dev, N=5: 978.76 of 3719.5 TFLOPs for 50 steps at 1024² (3.80x), as cited by later
+    papers of the same group; the flux-dev preset lands within 2 % (FLUX built on the meta device)."""
+    r = flops_report("flux-dev", duca_compile.presets("flux-dev", "duca"), num_steps=50, batch=2)
+    assert abs(r["speedup_flops"] / (3719.5 / 978.76) - 1) < 0.02, r["speedup_flops"]
+    assert r["steps"]["full"] == 12 and r["steps"]["subset"] > 0 and r["steps"]["skip"] > 0
+
 def test_subset_plans_counted_once_per_pattern_equal_counting_each_plan():
     """SUBSET plans of one compiled pattern are counted once with k symbolic: each plan's FLOPs
     equal a count of the graph with that plan's k."""

@@ -87,6 +87,11 @@ PRESETS = {
                                               ratio_schedule=_FLUX_RATIO),
                            "ToCa-FLUX cache_init: N=4, R=0.1, λ3=0.25, first 3 steps full; ratio ×0.4 double, "
                            "×1.6 single blocks, layer factor over each list's index / 27"),
+    ("flux-dev", "duca"): (lambda: DuCaConfig(interval=5, ratio=0.1, soft_fresh_weight=0.25, warmup=3,
+                                              ratio_schedule=_FLUX_RATIO),
+                           "DuCa on FLUX as reported, N=5 (3.80x FLOPs): DuCa's repository has no FLUX code, so "
+                           "ToCa-FLUX's rules (R=0.1, λ3=0.25, first 3 steps full, its ratio schedule) with "
+                           "DuCa's full / conservative / aggressive alternation; v2 random selection"),
     ("flux-dev", "taylorseer"): (lambda: TaylorSeerConfig(interval=6, max_order=1, first_enhance=3),
                                  "TaylorSeer-FLUX code: N=6, O=1"),
     ("flux-dev", "clusca"): (lambda: ClusCaConfig(interval=5, clusters=16, propagation=0.005, max_order=1,
