@@ -465,7 +465,8 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="train the DiT and/or the classifier on this CPU")
-    train.add_argument("what", nargs="?", choices=["dit", "classifier", "both"], default="both")
+    train.add_argument("what", nargs="?", choices=["dit", "classifier", "both", "flow"], default="both",
+                       help="flow: the FLUX-like flow-matching model on the captioned shapes (benchmarks/flow.py)")
     train.add_argument("--minutes", type=float, default=55.0, help="DiT training budget")
     redraw = sub.add_parser("plot", help=replot.__doc__.split(" (")[0])
     redraw.add_argument("--out", type=pathlib.Path, default=RESULTS)
@@ -514,6 +515,11 @@ def main(argv=None) -> None:
             if args.what in ("dit", "both"):
                 with torch.enable_grad():
                     train_dit(args.minutes)
+            if args.what == "flow":
+                from .flow import train_flow
+
+                with torch.enable_grad():
+                    train_flow(args.minutes)
         else:
             args.fn(args)
 
