@@ -211,3 +211,39 @@ def test_front_statement_calls_each_peer_point_above_equal_or_below():
     assert "**below**" in said["cache-dit C"] and "-1.00 dB" in said["cache-dit C"]
     assert "no duca row is as fast" in said["diffusers D"]
     assert "never skipped" in said["diffusers E: never skipped a computation here"]
+
+
+def test_shapes_faithfulness_is_exact_on_renders_and_near_chance_on_other_captions():
+    from benchmarks.shapes import dataset, faithfulness
+
+    images, _, captions = dataset(96)
+    assert faithfulness(images, captions) == {"colour": 1.0, "shape": 1.0, "position": 1.0, "all": 1.0}
+    assert faithfulness(images, captions[1:] + captions[:1])["all"] < 0.2
+    assert faithfulness(torch.full_like(images, -1.0), captions)["all"] == 0.0
+
+
+def test_flow_model_trains_saves_loads_and_caches_under_duca(tmp_path, monkeypatch):
+    """A few training steps of the FLUX-like flow model, its checkpoint round trip, and a guided
+    request through duca (TaylorSeer's FLUX preset) that hits its caches."""
+    import benchmarks.flow as flow
+    import benchmarks.models as models
+    from benchmarks.shapes import dataset
+
+    monkeypatch.setattr(models, "CHECKPOINTS", tmp_path)
+    monkeypatch.setattr(flow, "CHECKPOINTS", tmp_path)
+    monkeypatch.setitem(flow.TRAIN_FLOW, "images", 64)
+    images, tokens, _ = dataset(4)
+    assert torch.equal(flow.unpack(flow.pack(images)), images)
+    with torch.enable_grad():
+        meta = flow.train_flow(minutes=0.05, log=lambda *a: None)
+    assert meta["steps"] >= 1 and (tmp_path / "flow_shapes.safetensors").exists()
+    model = flow.load_flow()
+    fast = torch.compile(model.transformer, backend=duca_compile.duca_backend(
+        duca_compile.presets("flux-dev", "taylorseer"), inner="eager"), fullgraph=True, dynamic=False)
+    noise = torch.randn(2, 64, 48)
+    with duca_compile.sampling(fast, num_steps=8):
+        out = flow.sample_flow(model, noise, tokens[:2], 8, 2.0, transformer=fast)
+    want = flow.sample_flow(model, noise, tokens[:2], 8, 2.0)
+    assert out.shape == (2, 3, 32, 32) and torch.isfinite(out).all() and not torch.equal(out, want)
+    s = duca_compile.stats(fast, flops=False)
+    assert s["cache_hits"] > 0 and s["steps"]["full"] < 8
