@@ -17,7 +17,7 @@ import torch
 
 from .passes.split_head import HeadSplit, build_head, build_rest
 from .policies import Mode, StepPlan
-from .policies.adaptive import Counters, Forecast, decide, record
+from .policies.adaptive import Counters, Forecast, decide, forecast_basis, record
 from .runner import count_call, derive, note_shapes, shape_key
 from .runtime import CompiledCallable
 
@@ -27,7 +27,7 @@ GRAPHS = ("HEAD", "COMPUTE", "REUSE")
 
 
 class _Slot:
-    def __init__(self, split: HeadSplit, orders: int):
+    def __init__(self, split: HeadSplit, orders: int, basis: tuple = ("taylor", 1.0)):
         def zeros(spec):
             return torch.zeros(spec[0], dtype=spec[1], device=spec[2])
 
@@ -37,13 +37,13 @@ class _Slot:
         self.middle = [zeros(split.specs[h]) for _, h in split.pairs for _ in range(orders + 1)]
         self.device = split.specs[split.residual[0]][2]
         self.epoch = -1                # request whose computed step filled these caches
-        self.orders = orders
+        self.orders, self.basis = orders, basis
         self.start()
 
     def start(self) -> None:
         """A new request: fresh counters and forecast anchors."""
         self.counters = Counters()
-        self.forecast = Forecast(self.orders) if self.orders else None
+        self.forecast = Forecast(self.orders, self.basis) if self.orders else None
 
     def tensors(self):
         return [*self.crossing, *self.residuals, *self.middle]
@@ -75,7 +75,7 @@ class AdaptiveRunner(CompiledCallable):
         self.variant_graphs: dict[str, torch.fx.GraphModule] = {}
         self.fns: dict[str, object] = {}
         self.compiles = 0
-        self.orders = self.config.forecast_order if self.config.forecast == "taylorseer" else 0
+        self.orders = self.config.forecast_order if self.config.forecast != "reuse" else 0
         middle = set(split.middle)
         computed = {s.name: "compute" for s in sitemap.sites}
         reused = {s.name: "reuse" if s.block in middle else "compute" for s in sitemap.sites}
@@ -139,7 +139,7 @@ class AdaptiveRunner(CompiledCallable):
         if piece.decisions and piece.decisions[-1]["epoch"] != st.epoch:
             piece.decisions = []               # a new request (or new shapes): its own decisions
         if st.slot not in piece.slots:
-            piece.slots[st.slot] = _Slot(self.split, self.orders)
+            piece.slots[st.slot] = _Slot(self.split, self.orders, forecast_basis(self.config))
         slot = piece.slots[st.slot]
         if not tracked:
             st.stats.fallback_calls += 1

@@ -20,7 +20,7 @@ from collections import Counter, deque
 import torch
 
 from .policies import Mode, StepPlan
-from .policies.adaptive import Counters, Forecast, decide, record
+from .policies.adaptive import Counters, Forecast, decide, forecast_basis, record
 from .regional import _LEADERS, enter_block
 from .runner import count_call, derive
 from .runtime import CompiledCallable
@@ -38,8 +38,8 @@ class _Slot:
     """One cache slot (a CFG branch run as its own call) of one model: what the decisions and the
     cached steps need, across the calls of a request."""
 
-    def __init__(self, orders: int):
-        self.orders = orders
+    def __init__(self, orders: int, basis: tuple):
+        self.orders, self.basis = orders, basis
         self.epoch = -1                  # request whose computed step filled these caches
         self.previous = None             # the head residual of the last computed step
         self.terms: dict[str, list] = {}     # stream name -> [middle residual, its differences...]
@@ -48,7 +48,7 @@ class _Slot:
 
     def start(self) -> None:
         self.counters = Counters()
-        self.forecast = Forecast(self.orders) if self.orders else None
+        self.forecast = Forecast(self.orders, self.basis) if self.orders else None
 
 
 class AdaptiveStack:
@@ -56,7 +56,7 @@ class AdaptiveStack:
 
     def __init__(self, config):
         self.config = config
-        self.orders = config.forecast_order if config.forecast == "taylorseer" else 0
+        self.orders = config.forecast_order if config.forecast != "reuse" else 0
         self.slots: dict[int, _Slot] = {}
         self.length: int | None = None     # blocks per model call, once a call has run them all
         self.calls = 0                     # model calls begun
@@ -72,7 +72,7 @@ class AdaptiveStack:
 
     def slot(self, index: int) -> _Slot:
         if index not in self.slots:
-            self.slots[index] = _Slot(self.orders)
+            self.slots[index] = _Slot(self.orders, forecast_basis(self.config))
         return self.slots[index]
 
     @property

@@ -11,11 +11,11 @@ on SUBSET steps, runs the module on them next to the current token-wise channels
 """
 from __future__ import annotations
 
-import math
 
 import torch
 
 from .policies import Mode
+from .policies.forecasts import coefficient
 
 __all__ = ["ReferenceCache", "AdaptiveReference"]
 
@@ -48,9 +48,9 @@ class _Terms:
                 new.append((new[i] - self.terms[i]) / d)
         self.terms, self.step = new, step
 
-    def forecast(self, step):
+    def forecast(self, step, basis=("taylor", 1.0)):
         k = step - self.step
-        return sum(t * (k ** i / math.factorial(i)) for i, t in enumerate(self.terms))
+        return sum(t * coefficient(basis, k, i) for i, t in enumerate(self.terms))
 
 
 class ReferenceCache:
@@ -59,14 +59,16 @@ class ReferenceCache:
     sites: branch module name -> kind; last_block: name of the block whose output leaves the stack.
     orders / first_enhance: TaylorSeer terms (0 = plain reuse); propagation: ClusCa's gamma;
     halves: parallel-block site -> (start, stop) of the attention channels in its module's input;
-    plain_sites: SUBSET sites scattered without propagation.
+    plain_sites: SUBSET sites scattered without propagation; basis: the forecast basis
+    (``policies.forecasts``, TaylorSeer's unless given).
     ``from_compiled`` takes the sites from ``explain()``.
     """
 
     def __init__(self, model: torch.nn.Module, sites: dict[str, str], last_block: str, orders: int = 0,
                  first_enhance: int = 1, propagation: float | None = None, halves: dict | None = None,
-                 plain_sites=()):
+                 plain_sites=(), basis=("taylor", 1.0)):
         self.model, self.sites, self.last_block = model, dict(sites), last_block
+        self.basis = basis
         self.halves, self.plain_sites = dict(halves or {}), set(plain_sites)
         self.orders, self.first_enhance, self.propagation = orders, first_enhance, propagation
         self.caches: dict[int, dict] = {}
@@ -82,6 +84,7 @@ class ReferenceCache:
         st = state_of(compiled)
         kw.setdefault("orders", st.policy.taylor_orders)
         kw.setdefault("first_enhance", st.policy.taylor_warmup)
+        kw.setdefault("basis", st.policy.forecast_basis)
         kw.setdefault("propagation", st.policy.propagation)
         graph = next(g for g in explain(compiled, as_text=False) if g["sites"])
         kw.setdefault("halves", {s["name"]: tuple(s["attention_channels"]) for s in graph["sites"]
@@ -128,7 +131,7 @@ class ReferenceCache:
                     rep = fresh.gather(1, _rows(rep_of_token, fresh.shape[-1]))
                     base = self.propagation * rep + (1 - self.propagation) * base
                 terms[0].terms[0] = base.clone().scatter_(1, rows, fresh.gather(1, rows))
-            return _untuple(out, [t.forecast(c["step"]) for t in terms])
+            return _untuple(out, [t.forecast(c["step"], self.basis) for t in terms])
         return hook
 
     def _stack_hook(self, module, args, out):
@@ -169,14 +172,15 @@ class AdaptiveReference:
     slot; ``new_request`` drops them all."""
 
     def __init__(self, model: torch.nn.Module, config, blocks: list[str]):
-        from .policies.adaptive import Counters
+        from .policies.adaptive import Counters, forecast_basis
 
         self.model, self.config = model, config
         fn, bn = config.head_blocks, config.tail_blocks
         self.first, self.head_last, self.middle_last = blocks[0], blocks[fn - 1], blocks[len(blocks) - bn - 1]
         self.slots: dict[int, dict] = {}
         self._new_slot = lambda: {"previous": None, "residuals": None, "counters": Counters(), "anchor": None}
-        self.orders = config.forecast_order if config.forecast == "taylorseer" else 0
+        self.orders = config.forecast_order if config.forecast != "reuse" else 0
+        self.basis = forecast_basis(config)
         self.decisions: list[tuple[bool, float | None]] = []
 
     def _anchor(self, s, j, y, step) -> list:
@@ -191,13 +195,12 @@ class AdaptiveReference:
                 terms.append((terms[i] - old[i]) / (step - s["anchor"]))
         return terms + [None] * (self.orders + 1 - len(terms))
 
-    @staticmethod
-    def _forecast(terms, k):
+    def _forecast(self, terms, k):
         out = 0
         for i, d in enumerate(terms):
             if d is None:
                 break
-            out = out + d * (k ** i / math.factorial(i))
+            out = out + d * coefficient(self.basis, k, i)
         return out
 
     @staticmethod

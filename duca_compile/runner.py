@@ -76,7 +76,8 @@ class _Slot:
         self.caches = [torch.zeros(c.shape, dtype=c.dtype, device=c.device) for c in layout.caches]
         self.by_key = {c.key: t for c, t in zip(layout.caches, self.caches)}
         self.epoch = -1                     # request whose FULL step filled these caches
-        self.taylor = TaylorClock([s.name for s in runner.sitemap.sites], layout.orders, runner.policy.taylor_warmup)
+        self.taylor = TaylorClock([s.name for s in runner.sitemap.sites], layout.orders, runner.policy.taylor_warmup,
+                                  runner.policy.forecast_basis)
         self.clusters: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}   # tokens -> (assign, centroids)
 
 

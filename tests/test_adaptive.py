@@ -53,7 +53,7 @@ def near_threshold(diffs, threshold, margin=1e-4) -> bool:
                                          ("threshold", float("nan")), ("warmup", 1.5), ("max_cached_steps", -1),
                                          ("max_consecutive_cached", 0), ("max_accumulated_diff", "x"),
                                          ("max_accumulated_diff", 0.0), ("warmup_interval", 0),
-                                         ("forecast", "foca"), ("forecast_order", 3), ("target", 0.0), ("target", 1.5),
+                                         ("forecast", "foca"), ("hermite_scale", 0.0), ("forecast_order", 3), ("target", 0.0), ("target", 1.5),
                                          ("compute_first", 2)])
 def test_bad_fields_raise_naming_the_field(field, value):
     with pytest.raises(ValueError, match=field):
@@ -65,7 +65,7 @@ def test_bad_fields_raise_naming_the_field(field, value):
 @given(family=st.sampled_from(["dit", "pixart", "flux"]), head=st.integers(1, 2), tail=st.integers(0, 1),
        threshold=st.floats(0.0, 0.5), warmup=st.integers(0, 3), interval=st.integers(1, 2),
        max_cached=st.none() | st.integers(0, 4), consecutive=st.none() | st.integers(1, 3),
-       accumulated=st.none() | st.floats(0.05, 2.0), forecast=st.sampled_from(["reuse", "taylorseer"]),
+       accumulated=st.none() | st.floats(0.05, 2.0), forecast=st.sampled_from(["reuse", "taylorseer", "hermite"]),
        order=st.integers(1, 2), batch=st.sampled_from([1, 2]))
 def test_compiled_adaptive_equals_the_oracle(family, head, tail, threshold, warmup, interval, max_cached, consecutive,
                                              accumulated, forecast, order, batch):
@@ -330,7 +330,7 @@ def test_no_block_left_to_cache_warns_and_runs_plainly():
 
 @given(family=st.sampled_from(["dit", "pixart", "flux"]), head=st.integers(1, 2), tail=st.integers(0, 1),
        threshold=st.floats(0.0, 0.6), warmup=st.integers(0, 2), consecutive=st.none() | st.integers(1, 3),
-       accumulated=st.none() | st.floats(0.5, 3.0), forecast=st.sampled_from(["reuse", "taylorseer"]),
+       accumulated=st.none() | st.floats(0.5, 3.0), forecast=st.sampled_from(["reuse", "taylorseer", "hermite"]),
        order=st.integers(1, 2))
 def test_regional_adaptive_equals_the_oracle(family, head, tail, threshold, warmup, consecutive, accumulated,
                                              forecast, order):

@@ -23,6 +23,7 @@ METHODS = {
     "duca-v2": DuCaConfig(interval=3, ratio=0.5),
     "duca-cycles": DuCaConfig(ratio=0.5, cycles=OPENSORA_CYCLES, warmup=2),
     "taylorseer": TaylorSeerConfig(interval=3, max_order=2, first_enhance=2),
+    "hicache": TaylorSeerConfig(interval=3, max_order=2, first_enhance=2, forecast="hermite", hermite_scale=0.6),
     "clusca": ClusCaConfig(interval=3, clusters=4, propagation=0.3, max_order=1, first_enhance=2),
     "compute-first": DuCaConfig(interval=3, ratio=0.4, compute_first=1),
 }
@@ -41,12 +42,15 @@ def test_method_equals_oracle(family, method):
 
 @given(family=st.sampled_from(FAMILIES), order=st.integers(0, 3), interval=st.integers(2, 4),
        first=st.integers(1, 3), gamma=st.floats(0, 1), clusters=st.integers(1, 5), clusca=st.booleans(),
-       seed=st.integers(0, 2**16))
-def test_taylor_and_cluster_methods_equal_oracle(family, order, interval, first, gamma, clusters, clusca, seed):
+       seed=st.integers(0, 2**16), hermite=st.none() | st.floats(0.2, 1.5))
+def test_taylor_and_cluster_methods_equal_oracle(family, order, interval, first, gamma, clusters, clusca, seed,
+                                                 hermite):
+    """TaylorSeer and ClusCa, in the Taylor basis or HiCache's Hermite basis (``hermite``: its σ)."""
     torch._dynamo.reset()
+    basis = dict(forecast="hermite", hermite_scale=hermite) if hermite is not None else {}
     config = (ClusCaConfig(interval=interval, clusters=clusters, propagation=gamma, max_order=order,
-                           first_enhance=first, seed=seed) if clusca else
-              TaylorSeerConfig(interval=interval, max_order=order, first_enhance=first, seed=seed))
+                           first_enhance=first, seed=seed, **basis) if clusca else
+              TaylorSeerConfig(interval=interval, max_order=order, first_enhance=first, seed=seed, **basis))
     model, fast = compile_tiny(family, config, seed=seed)
     run_against_oracle(family, model, fast, timesteps(2 * interval + first + 1), input_seed=seed)
 
@@ -401,3 +405,28 @@ def test_steps_full_in_block_zero_only_refresh_its_caches_and_equal_the_oracle(f
     assert 0 < head["linear"] < graphs["FULL"]["linear"] and head["cache_write"] > 0
     steps = duca_compile.stats(fast)["steps"]     # tiny Flux: block 0 is its one double block, the
     assert steps["full"] == 3 and steps["skip"] == 1 and steps["subset"] + steps["partial"] == 3  # rest reused
+
+
+def test_hermite_coefficients_are_hicaches_and_order_one_at_the_root_half_scale_is_taylors():
+    """HiCache's ``σ^i H_i(σk) / i!`` (physicists' Hermite): its closed forms, the values at the FLUX
+    default σ = 0.5, and σ = 1/√2, where order 1 is TaylorSeer's ``k``."""
+    from duca_compile.policies.forecasts import coefficient, hermite
+
+    assert [hermite(n, 0.5) for n in range(4)] == [1.0, 1.0, -1.0, -5.0]
+    for s_ in (0.5, 0.7):
+        for k in range(1, 7):
+            assert coefficient(("hermite", s_), k, 0) == 1.0
+            assert coefficient(("hermite", s_), k, 1) == pytest.approx(2 * s_ ** 2 * k)
+            assert coefficient(("hermite", s_), k, 2) == pytest.approx(2 * s_ ** 4 * k ** 2 - s_ ** 2)
+            assert coefficient(("hermite", s_), k, 3) == pytest.approx(s_ ** 3 * (8 * s_ ** 3 * k ** 3 - 12 * s_ * k) / 6)
+    assert [round(coefficient(("hermite", 0.5), k, 2), 3) for k in (1, 2, 3)] == [-0.125, 0.25, 0.875]
+    assert coefficient(("hermite", 2 ** -0.5), 3, 1) == pytest.approx(coefficient(("taylor", 1.0), 3, 1)) == 3
+
+
+@pytest.mark.parametrize("family", ["dit", "flux"])
+def test_hermite_forecast_differs_from_taylor_only_on_forecast_steps(family):
+    taylor = _outputs(family, TaylorSeerConfig(interval=3, max_order=2, first_enhance=1))
+    hicache = _outputs(family, TaylorSeerConfig(interval=3, max_order=2, first_enhance=1, forecast="hermite"))
+    # full steps 0, 3, 6; steps 1 and 2 have one anchor (Δ⁰ alone, weight 1 in both bases)
+    for i, (a, b) in enumerate(zip(taylor, hicache)):
+        assert torch.equal(a, b) == (i not in (4, 5, 7)), i

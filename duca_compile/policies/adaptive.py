@@ -17,10 +17,11 @@ import math
 from dataclasses import dataclass, field
 
 from .base import CacheConfig, CachePolicy, Mode, check_int, check_number, register_policy
+from .forecasts import check_basis, coefficient
 
-__all__ = ["AdaptiveConfig", "AdaptivePolicy", "decide", "record", "Counters", "Forecast"]
+__all__ = ["AdaptiveConfig", "AdaptivePolicy", "decide", "record", "Counters", "Forecast", "forecast_basis"]
 
-FORECASTS = ("reuse", "taylorseer")
+FORECASTS = ("reuse", "taylorseer", "hermite")
 
 
 @dataclass(frozen=True)
@@ -43,8 +44,10 @@ class AdaptiveConfig(CacheConfig):
         ``max_accumulated_residual_diff_threshold``: a budget for the whole request, never reset).
     forecast (`str`, defaults to `"reuse"`): what a cached step adds to the head's output: the
         middle residual of the last computed step ("reuse"), or its TaylorSeer forecast from the
-        last computed steps ("taylorseer", cache-dit's DBCache + TaylorSeer calibrator).
+        last computed steps ("taylorseer", cache-dit's DBCache + TaylorSeer calibrator), or the same
+        differences in HiCache's Hermite basis ("hermite", ``policies.forecasts``).
     forecast_order (`int`, defaults to `1`): the forecast's highest finite difference, 1 or 2.
+    hermite_scale (`float`, defaults to `0.5`): HiCache's σ, with ``forecast="hermite"``.
     target (`float`, optional): compute this fraction of each request's steps instead of tuning
         ``threshold`` (which must then stay at its default). Each step's diff is compared with the
         quantile of the request's diffs so far that leaves the remaining budget for the remaining
@@ -64,6 +67,7 @@ class AdaptiveConfig(CacheConfig):
     forecast: str = "reuse"
     forecast_order: int = 1
     target: float | None = None
+    hermite_scale: float = 0.5
 
     def __post_init__(self):
         super().__post_init__()
@@ -79,8 +83,7 @@ class AdaptiveConfig(CacheConfig):
         check_int(owner, "warmup_interval", self.warmup_interval, 1)
         if self.max_accumulated_diff is not None:
             check_number(owner, "max_accumulated_diff", self.max_accumulated_diff, 0.0, open_interval=True)
-        if self.forecast not in FORECASTS:
-            raise ValueError(f"{owner}.forecast must be one of {FORECASTS}, got {self.forecast!r}")
+        check_basis(owner, self.forecast, self.hermite_scale, FORECASTS)
         check_int(owner, "forecast_order", self.forecast_order, 1, 2)
         if self.target is not None:
             check_number(owner, "target", self.target, 0.0, 1.0)
@@ -158,8 +161,8 @@ class Forecast:
     only where the previous anchor had ``Δ^i`` and from step 3 on: the calibrator counts one step
     behind); a cached step ``k`` steps after the last anchor adds ``Σ Δ^i k^i / i!``."""
 
-    def __init__(self, order: int):
-        self.order = order
+    def __init__(self, order: int, basis: tuple = ("taylor", 1.0)):
+        self.order, self.basis = order, basis
         self.last: int | None = None
         self.valid = [False] * (order + 1)      # which Δ^i the last anchor holds
 
@@ -176,7 +179,7 @@ class Forecast:
     def coefficients(self, step: int) -> list[float]:
         """REUSE at ``step``: each term's coefficient (0 for a difference the anchor lacks)."""
         k = step - self.last
-        return [k ** i / math.factorial(i) if ok else 0.0 for i, ok in enumerate(self.valid)]
+        return [coefficient(self.basis, k, i) if ok else 0.0 for i, ok in enumerate(self.valid)]
 
 
 @register_policy(AdaptiveConfig)
@@ -188,3 +191,7 @@ class AdaptivePolicy(CachePolicy):
 
     def modes(self):
         return {Mode.FULL, Mode.SKIP}
+
+
+def forecast_basis(config: AdaptiveConfig) -> tuple:
+    return ("hermite", config.hermite_scale) if config.forecast == "hermite" else ("taylor", 1.0)

@@ -112,10 +112,12 @@ class CachePolicy:
     runner: ``taylor_orders`` (finite differences kept per branch, 0 = plain reuse),
     ``taylor_warmup`` (no differences are taken at steps ``<= taylor_warmup − 2``: each starts afresh),
     ``propagation`` (ClusCa's gamma, None = no cluster propagation), ``subsets_parallel_blocks``
-    (SUBSET steps run a parallel block's token-wise half on k tokens, ToCa-FLUX's single blocks).
+    (SUBSET steps run a parallel block's token-wise half on k tokens, ToCa-FLUX's single blocks),
+    ``forecast_basis`` ((basis, scale) the Taylor terms are combined in: ``policies.forecasts``).
     """
 
     taylor_orders: int = 0
+    forecast_basis: tuple = ("taylor", 1.0)
     subsets_parallel_blocks: bool = True
     taylor_warmup: int = 1
     propagation: float | None = None

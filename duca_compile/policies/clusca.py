@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .base import CacheConfig, CachePolicy, Mode, StepPlan, check_bool, check_int, check_unit, register_policy
+from .forecasts import check_basis
 from .taylorseer import counter_full_step
 
 __all__ = ["ClusCaConfig", "ClusCaPolicy"]
@@ -29,7 +30,10 @@ class ClusCaConfig(CacheConfig):
         random tokens (official: up to 100 on DiT, 10 on FLUX, stopping once the centroids settle).
     propagate_text (`bool`, defaults to `True`): also propagate on streams that see the latent only
         through attention (joint attention's text stream); official FLUX ClusCa does not (False):
-        its text representatives are scattered plainly."""
+        its text representatives are scattered plainly.
+    forecast (`str`, defaults to `"taylor"`), hermite_scale (`float`, defaults to `0.5`): the basis of
+        the TaylorSeer forecasts, as ``TaylorSeerConfig``'s ("hermite": HiCache, which reports
+        it on top of ClusCa too)."""
 
     interval: int = 5
     clusters: int = 16
@@ -39,6 +43,8 @@ class ClusCaConfig(CacheConfig):
     kmeans_iters: int = 10
     kmeans_cold_iters: int = 10
     propagate_text: bool = True
+    forecast: str = "taylor"
+    hermite_scale: float = 0.5
 
     def __post_init__(self):
         super().__post_init__()
@@ -51,6 +57,7 @@ class ClusCaConfig(CacheConfig):
         check_int(owner, "kmeans_iters", self.kmeans_iters, 1)
         check_int(owner, "kmeans_cold_iters", self.kmeans_cold_iters, 1)
         check_bool(owner, "propagate_text", self.propagate_text)
+        check_basis(owner, self.forecast, self.hermite_scale)
 
 
 @register_policy(ClusCaConfig)
@@ -61,6 +68,7 @@ class ClusCaPolicy(CachePolicy):
         super().__init__(config)
         self.taylor_orders, self.taylor_warmup = config.max_order, config.first_enhance
         self.propagation = float(config.propagation)
+        self.forecast_basis = (config.forecast, config.hermite_scale)
 
     def propagates(self, latent: bool) -> bool:
         return latent or self.config.propagate_text

@@ -92,6 +92,10 @@ PRESETS = {
                            "DuCa on FLUX as reported, N=5 (3.80x FLOPs): DuCa's repository has no FLUX code, so "
                            "ToCa-FLUX's rules (R=0.1, λ3=0.25, first 3 steps full, its ratio schedule) with "
                            "DuCa's full / conservative / aggressive alternation; v2 random selection"),
+    ("flux-dev", "hicache"): (lambda: TaylorSeerConfig(interval=7, max_order=2, first_enhance=3, forecast="hermite",
+                                                       hermite_scale=0.5),
+                              "HiCache's README command (its launcher's defaults): N=7, O=2, σ=0.5, first 3 steps "
+                              "full; TaylorSeer's schedule and differences in the scaled Hermite basis"),
     ("flux-dev", "taylorseer"): (lambda: TaylorSeerConfig(interval=6, max_order=1, first_enhance=3),
                                  "TaylorSeer-FLUX code: N=6, O=1"),
     ("flux-dev", "clusca"): (lambda: ClusCaConfig(interval=5, clusters=16, propagation=0.005, max_order=1,

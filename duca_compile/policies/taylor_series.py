@@ -2,16 +2,16 @@
 per-call coefficient tables the compiled variants read (``taylor_coef``, ``taylor_w``)."""
 from __future__ import annotations
 
-import math
-
 import torch
+
+from .forecasts import coefficient
 
 __all__ = ["TaylorClock"]
 
 
 class TaylorClock:
-    def __init__(self, sites: list[str], orders: int, first_enhance: int):
-        self.sites, self.orders, self.first_enhance = sites, orders, first_enhance
+    def __init__(self, sites: list[str], orders: int, first_enhance: int, basis: tuple = ("taylor", 1.0)):
+        self.sites, self.orders, self.first_enhance, self.basis = sites, orders, first_enhance, basis
         self.last: dict[str, int] = {}      # site -> step it was last computed
         self.valid: dict[str, int] = {}     # site -> Taylor terms available (1 .. orders + 1)
         self._tensors: dict[tuple, torch.Tensor] = {}
@@ -33,7 +33,7 @@ class TaylorClock:
                 self.last[site], self.valid[site] = step, valid
             else:
                 k = step - last if last is not None else 0
-                coef.append([k ** m / math.factorial(m) if m < valid else 0.0 for m in range(self.orders + 1)])
+                coef.append([coefficient(self.basis, k, m) if m < valid else 0.0 for m in range(self.orders + 1)])
                 w.append([0.0] * self.orders)
         return self._tensor(coef, device), self._tensor(w, device)
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .base import CacheConfig, CachePolicy, Mode, StepPlan, check_int, register_policy
+from .forecasts import check_basis
 
 __all__ = ["TaylorSeerConfig", "TaylorSeerPolicy", "counter_full_step"]
 
@@ -39,12 +40,17 @@ class TaylorSeerConfig(CacheConfig):
     phase (`str`, defaults to `"official"`): where the FULL steps after the warm-up fall:
         "official" ``(step − (first_enhance − 1)) % interval == 0`` (the TaylorSeer code), or
         "diffusers" ``(step − first_enhance − 1) % interval == 0`` with differences from step 1 on
-        (diffusers' ``TaylorSeerCache``: its outputs, for the same settings)."""
+        (diffusers' ``TaylorSeerCache``: its outputs, for the same settings).
+    forecast (`str`, defaults to `"taylor"`): the basis the differences are combined in:
+        "taylor" (``k^i / i!``) or "hermite" (HiCache: ``σ^i H_i(σk) / i!``, see ``policies.forecasts``).
+    hermite_scale (`float`, defaults to `0.5`): HiCache's σ (its FLUX default), with "hermite"."""
 
     interval: int = 4
     max_order: int = 2
     first_enhance: int = 2
     phase: str = "official"
+    forecast: str = "taylor"
+    hermite_scale: float = 0.5
 
     def __post_init__(self):
         super().__post_init__()
@@ -54,6 +60,7 @@ class TaylorSeerConfig(CacheConfig):
         check_int(owner, "first_enhance", self.first_enhance, 1)
         if not isinstance(self.phase, str) or self.phase not in PHASES:
             raise ValueError(f"{owner}.phase must be one of {PHASES}, got {self.phase!r}")
+        check_basis(owner, self.forecast, self.hermite_scale)
 
 
 @register_policy(TaylorSeerConfig)
@@ -63,6 +70,7 @@ class TaylorSeerPolicy(CachePolicy):
         self.taylor_orders = config.max_order
         # diffusers differences every update after the first; the official code starts afresh in the warm-up
         self.taylor_warmup = 1 if config.phase == "diffusers" else config.first_enhance
+        self.forecast_basis = (config.forecast, config.hermite_scale)
 
     def plan(self, step, num_steps=None):
         c = self.config
