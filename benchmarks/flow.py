@@ -164,3 +164,18 @@ def sample_flow(model: FlowModel, noise: torch.Tensor, tokens: torch.Tensor, num
             v = uncond + guidance * (cond - uncond)
         x = sched.step(v, t, x).prev_sample
     return unpack(x).clamp(-1, 1)
+
+
+@torch.no_grad()
+def evaluate_flow(model: FlowModel, num_steps: int, guidance: float, per_caption: int = 2, seed: int = 1) -> dict:
+    """Caption faithfulness of uncached samples: every one of the 48 captions ``per_caption`` times,
+    from fixed noise (``shapes.faithfulness``: colour, shape, position, all three)."""
+    from .shapes import COLOURS, POSITIONS, SHAPES, faithfulness, tokens
+
+    captions = [(c, s, p) for c in COLOURS for s in SHAPES for p in POSITIONS] * per_caption
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.randn(len(captions), (SIDE // PATCH) ** 2, 3 * PATCH * PATCH, generator=g)
+    toks = torch.tensor([tokens(*c) for c in captions])
+    images = torch.cat([sample_flow(model, noise[i:i + 48], toks[i:i + 48], num_steps, guidance)
+                        for i in range(0, len(captions), 48)])
+    return {"steps": num_steps, "guidance": guidance, "samples": len(captions), **faithfulness(images, captions)}

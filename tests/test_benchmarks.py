@@ -247,3 +247,5 @@ def test_flow_model_trains_saves_loads_and_caches_under_duca(tmp_path, monkeypat
     assert out.shape == (2, 3, 32, 32) and torch.isfinite(out).all() and not torch.equal(out, want)
     s = duca_compile.stats(fast, flops=False)
     assert s["cache_hits"] > 0 and s["steps"]["full"] < 8
+    scores = flow.evaluate_flow(model, 2, 2.0, per_caption=1)
+    assert scores["samples"] == 48 and all(0 <= scores[k] <= 1 for k in ("colour", "shape", "position", "all"))
