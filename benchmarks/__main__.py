@@ -1,4 +1,4 @@
-"""``python -m benchmarks train|fidelity|speed|flops|subset_k|dispatch|compile|adaptive|adaptive-cond|two-thresholds|plot [--quick] [--device cuda]``,
+"""``python -m benchmarks train|fidelity|speed|flops|subset_k|dispatch|compile|adaptive|adaptive-cond|two-thresholds|flow-fidelity|plot [--quick] [--device cuda]``,
 ``python -m benchmarks gpu --out DIR [--device cuda|cpu] [--tiny] [--sections a,b]``
 
 Results land in ``benchmarks/results/`` as markdown (with the device and versions), JSON and PNG;
@@ -414,6 +414,35 @@ def adaptive_cond(args) -> None:
     print(path.read_text())
 
 
+FLOW_COLUMNS = {"steps": ("steps", "{}"), "method": ("method", "{}"), "knob": ("knob", "{}"),
+                "PSNR (dB)": ("psnr", "{:.2f}"), "faithful": ("faithful", "{:.1%}"), "shape right": ("shape", "{:.1%}"),
+                "FLOP ratio": ("flop_ratio", "{:.1%}"), "notes": ("notes", "{}")}
+
+
+def flow_fidelity(args) -> None:
+    """duca's FLUX presets on the trained flow-matching model: PSNR, caption faithfulness, FLOPs"""
+    from .flow import load_flow
+    from .flow_fidelity import QUICK, STANDARD, run
+
+    setup = QUICK if args.quick else STANDARD
+    rows = run(setup, load_flow(), progress=_progress())
+    name = "flow_fidelity" + _suffix(args.quick)
+    text = (f"The trained FLUX-like flow model (`benchmarks/flow.py`, `checkpoints/flow_shapes.json`), "
+            f"FlowMatchEulerDiscreteScheduler at {' and '.join(map(str, setup.steps))} steps, guidance "
+            f"{setup.guidance}, each of the 48 captions {setup.per_caption}x from fixed noise, one request per row "
+            "through duca's eager inner compiler (no wall-clock, no peers). PSNR against the uncached samples; "
+            "faithful: colour, shape and quadrant all as captioned (`shapes.faithfulness`, exact checks).\n\n"
+            + markdown_table(rows, FLOW_COLUMNS) + "\n")
+    presets_used = ("flux-dev:toca", "flux-dev:duca", "flux-dev:taylorseer", "flux-dev:hicache", "flux-dev:clusca",
+                    "any:fbcache", "any:dbcache-f1b0")
+    path = write(args.out, name, "duca's FLUX presets on the trained flow model", text, rows, environment(),
+                 presets=presets_used)
+    for steps in setup.steps:
+        plot_tradeoff([r for r in rows if r.steps == steps], args.out / f"{name}_{steps}.png", x="flop_speedup",
+                      xlabel=f"FLOP speed-up, {steps} steps", ylabel="PSNR vs uncached (dB)")
+    print(path.read_text())
+
+
 def _bar_plot(out, name: str) -> None:
     import json
 
@@ -483,7 +512,8 @@ def main(argv=None) -> None:
     check.set_defaults(fn=gpu)
     for name, fn in (("fidelity", fidelity), ("speed", speed), ("flops", flops), ("subset_k", subset_k),
                      ("dispatch", dispatch), ("compile", compile_cost), ("adaptive", adaptive),
-                     ("two-thresholds", two_thresholds), ("adaptive-cond", adaptive_cond)):
+                     ("two-thresholds", two_thresholds), ("adaptive-cond", adaptive_cond),
+                     ("flow-fidelity", flow_fidelity)):
         p = sub.add_parser(name, help=(fn.__doc__ or name).strip())
         p.add_argument("--quick", action="store_true", help="a few minutes on the CPU")
         p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])

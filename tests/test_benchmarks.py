@@ -249,3 +249,16 @@ def test_flow_model_trains_saves_loads_and_caches_under_duca(tmp_path, monkeypat
     assert s["cache_hits"] > 0 and s["steps"]["full"] < 8
     scores = flow.evaluate_flow(model, 2, 2.0, per_caption=1)
     assert scores["samples"] == 48 and all(0 <= scores[k] <= 1 for k in ("colour", "shape", "position", "all"))
+
+
+def test_flow_fidelity_rows_report_quality_and_flops_of_duca_on_the_flow_model():
+    """The flow-fidelity path on an untrained flow model (no quality claim): a cached row has a finite
+    PSNR and a FLOP ratio below 1, the uncached row is the reference."""
+    from benchmarks.flow import make_flow
+    from benchmarks.flow_fidelity import Setup, run
+    from duca_compile import FORAConfig
+
+    rows = run(Setup(steps=(4,), guidance=2.0, per_caption=1), make_flow().eval(),
+               rows=[("FORA", "N=2", FORAConfig(interval=2))])
+    assert [r.method for r in rows] == ["uncached", "FORA"]
+    assert rows[1].flop_ratio < 1 and 0 < rows[1].psnr < float("inf") and not rows[1].notes
