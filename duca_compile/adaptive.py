@@ -17,7 +17,7 @@ import torch
 
 from .passes.split_head import HeadSplit, build_head, build_rest
 from .policies import Mode, StepPlan
-from .policies.adaptive import Counters, Forecast, decide, forecast_basis, record
+from .policies.adaptive import Counters, Forecast, decide, forecast_basis, forecast_terms, record
 from .runner import count_call, derive, note_shapes, shape_key
 from .runtime import CompiledCallable
 
@@ -75,7 +75,7 @@ class AdaptiveRunner(CompiledCallable):
         self.variant_graphs: dict[str, torch.fx.GraphModule] = {}
         self.fns: dict[str, object] = {}
         self.compiles = 0
-        self.orders = self.config.forecast_order if self.config.forecast != "reuse" else 0
+        self.orders = forecast_terms(self.config)
         middle = set(split.middle)
         computed = {s.name: "compute" for s in sitemap.sites}
         reused = {s.name: "reuse" if s.block in middle else "compute" for s in sitemap.sites}
@@ -93,8 +93,8 @@ class AdaptiveRunner(CompiledCallable):
             pg = st.selector.group if st.selector.group is not None else torch.distributed.group.WORLD
             group = pg.group_name
         graphs = {"HEAD": build_head(self.gm, s, fm, group),
-                  "COMPUTE": build_rest(self.gm, s, False, self.orders, fm),
-                  "REUSE": build_rest(self.gm, s, True, self.orders, fm)}
+                  "COMPUTE": build_rest(self.gm, s, False, self.orders, fm, self.config.forecast),
+                  "REUSE": build_rest(self.gm, s, True, self.orders, fm, self.config.forecast)}
         for name, g in graphs.items():
             self.variant_graphs[name] = g
             self.fns[name] = self.compile_variant.compile_generic(g, self.examples(name), [])[0]

@@ -14,13 +14,15 @@ of a model keeps the last ``tail_blocks + 1`` blocks' residuals and settles it a
 """
 from __future__ import annotations
 
+import operator
 import time
 from collections import Counter, deque
 
 import torch
 
 from .policies import Mode, StepPlan
-from .policies.adaptive import Counters, Forecast, decide, forecast_basis, record
+from .policies.adaptive import Counters, Forecast, decide, forecast_basis, forecast_terms, record
+from .policies.forecasts import next_terms
 from .regional import _LEADERS, enter_block
 from .runner import count_call, derive
 from .runtime import CompiledCallable
@@ -56,7 +58,7 @@ class AdaptiveStack:
 
     def __init__(self, config):
         self.config = config
-        self.orders = config.forecast_order if config.forecast != "reuse" else 0
+        self.orders = forecast_terms(config)
         self.slots: dict[int, _Slot] = {}
         self.length: int | None = None     # blocks per model call, once a call has run them all
         self.calls = 0                     # model calls begun
@@ -147,10 +149,8 @@ class AdaptiveStack:
         """A computed step's middle residuals, with their finite differences (``build_rest``'s COMPUTE)."""
         w = slot.forecast.weights(step) if slot.forecast is not None else []
         for name, y in residuals.items():
-            old, new = slot.terms.get(name), [y]
-            for i in range(self.orders):
-                new.append((new[i] - old[i]) * w[i] if old is not None else torch.zeros_like(y))
-            slot.terms[name] = new
+            old = slot.terms.get(name) or [torch.zeros_like(y)] * (self.orders + 1)
+            slot.terms[name] = next_terms(self.config.forecast, y, old, w, operator.sub, operator.mul)
 
     def cached(self, slot: _Slot, step: int, streams, args) -> tuple:
         """The last middle block's outputs on a cached step: the head's plus the (forecast) residual."""

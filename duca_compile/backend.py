@@ -134,7 +134,8 @@ class DuCaBackend:
             gm, sitemap, parallel_blocks=Mode.SUBSET in policy.modes() and policy.subsets_parallel_blocks)]
         layout = CacheLayout.from_graph(gm, sitemap, orders=policy.taylor_orders, propagation=policy.propagation,
                                         value_norms=getattr(settings.config, "selection", "") == "kv-norm",
-                                        plain_sites={s.name for s in sitemap.sites if not policy.propagates(s.latent)})
+                                        plain_sites={s.name for s in sitemap.sites if not policy.propagates(s.latent)},
+                                        forecast=policy.forecast_basis[0])
         fake_mode = graph_fake_mode(n.meta.get("example_value") for n in gm.graph.nodes) \
             or _torch.detect_fake_mode(example_inputs)
 

@@ -53,6 +53,39 @@ class _Terms:
         return sum(t * coefficient(basis, k, i) for i, t in enumerate(self.terms))
 
 
+class _FoCaTerms:
+    """FoCa as cache-dit's calibrator runs it, on the tensors themselves: the last two full values,
+    the last two values (forecasts included); each forecast advances the latter."""
+
+    HORIZON = 3
+
+    def __init__(self):
+        self.full = self.full_prev = self.value = self.previous = None
+        self.step: int | None = None
+
+    def compute(self, fresh, step, *_):
+        self.full_prev, self.full = self.full, fresh.clone()
+        self.previous, self.value = self.value, fresh.clone()
+        self.step = step
+
+    def forecast(self, step, basis=None):
+        if self.previous is None or self.full_prev is None:
+            return self.full
+        e = step - self.step
+        slope = (self.full - self.full_prev) + (self.value - self.previous)
+        if e <= self.HORIZON:
+            out = self.full + e / 2 * slope
+        else:                                   # step-3 form, damped towards the anchor
+            h = self.HORIZON / e
+            out = h * (self.full + self.HORIZON / 2 * slope) + (1 - h) * self.full
+        self.previous, self.value = self.value, out
+        return out
+
+
+def _terms_for(basis):
+    return _FoCaTerms if basis[0] == "foca" else _Terms
+
+
 class ReferenceCache:
     """Runs ``model`` eagerly under per-site actions, with per-slot caches.
 
@@ -111,7 +144,7 @@ class ReferenceCache:
             terms = self.caches.setdefault(c["slot"], {}).setdefault(key, None)
             outs = _tuple(out)
             if terms is None:
-                terms = self.caches[c["slot"]][key] = [_Terms() for _ in outs]
+                terms = self.caches[c["slot"]][key] = [_terms_for(self.basis)() for _ in outs]
             action, half = c["actions"][name], self.halves.get(name)
             if action == "compute":
                 for t, o in zip(terms, outs):
@@ -172,14 +205,14 @@ class AdaptiveReference:
     slot; ``new_request`` drops them all."""
 
     def __init__(self, model: torch.nn.Module, config, blocks: list[str]):
-        from .policies.adaptive import Counters, forecast_basis
+        from .policies.adaptive import Counters, forecast_basis, forecast_terms
 
         self.model, self.config = model, config
         fn, bn = config.head_blocks, config.tail_blocks
         self.first, self.head_last, self.middle_last = blocks[0], blocks[fn - 1], blocks[len(blocks) - bn - 1]
         self.slots: dict[int, dict] = {}
         self._new_slot = lambda: {"previous": None, "residuals": None, "counters": Counters(), "anchor": None}
-        self.orders = config.forecast_order if config.forecast != "reuse" else 0
+        self.orders = forecast_terms(config)
         self.basis = forecast_basis(config)
         self.decisions: list[tuple[bool, float | None]] = []
 
@@ -241,9 +274,18 @@ class AdaptiveReference:
                      if o is not None else None for o in outs]
             if call["compute"]:
                 fresh = [None if i is None else o - call["head"][i] for o, i in zip(outs, pairs)]
-                s["residuals"] = [None if y is None else self._anchor(s, j, y, step) for j, y in enumerate(fresh)]
+                if self.basis[0] == "foca":
+                    s["residuals"] = s["residuals"] or [_FoCaTerms() for _ in fresh]
+                    for y, terms in zip(fresh, s["residuals"]):
+                        if y is not None:
+                            terms.compute(y, step)
+                else:
+                    s["residuals"] = [None if y is None else self._anchor(s, j, y, step) for j, y in enumerate(fresh)]
                 s["anchor"] = step
                 return out
+            if self.basis[0] == "foca":
+                return _untuple(out, [None if i is None else call["head"][i] + d.forecast(step)
+                                      for i, d in zip(pairs, s["residuals"])])
             return _untuple(out, [None if i is None else call["head"][i] + self._forecast(d, step - s["anchor"])
                                   for i, d in zip(pairs, s["residuals"])])
 

@@ -53,7 +53,7 @@ def near_threshold(diffs, threshold, margin=1e-4) -> bool:
                                          ("threshold", float("nan")), ("warmup", 1.5), ("max_cached_steps", -1),
                                          ("max_consecutive_cached", 0), ("max_accumulated_diff", "x"),
                                          ("max_accumulated_diff", 0.0), ("warmup_interval", 0),
-                                         ("forecast", "foca"), ("hermite_scale", 0.0), ("forecast_order", 3), ("target", 0.0), ("target", 1.5),
+                                         ("forecast", "dmd"), ("hermite_scale", 0.0), ("forecast_order", 3), ("target", 0.0), ("target", 1.5),
                                          ("compute_first", 2)])
 def test_bad_fields_raise_naming_the_field(field, value):
     with pytest.raises(ValueError, match=field):
@@ -65,7 +65,7 @@ def test_bad_fields_raise_naming_the_field(field, value):
 @given(family=st.sampled_from(["dit", "pixart", "flux"]), head=st.integers(1, 2), tail=st.integers(0, 1),
        threshold=st.floats(0.0, 0.5), warmup=st.integers(0, 3), interval=st.integers(1, 2),
        max_cached=st.none() | st.integers(0, 4), consecutive=st.none() | st.integers(1, 3),
-       accumulated=st.none() | st.floats(0.05, 2.0), forecast=st.sampled_from(["reuse", "taylorseer", "hermite"]),
+       accumulated=st.none() | st.floats(0.05, 2.0), forecast=st.sampled_from(["reuse", "taylorseer", "hermite", "foca"]),
        order=st.integers(1, 2), batch=st.sampled_from([1, 2]))
 def test_compiled_adaptive_equals_the_oracle(family, head, tail, threshold, warmup, interval, max_cached, consecutive,
                                              accumulated, forecast, order, batch):
@@ -209,11 +209,12 @@ def _dbcache(model, head, tail, threshold, warmup, order=None):
     """cache-dit on a bare transformer: its context persists across calls (refreshed here before
     the request); which steps it cached is read from the context after each call."""
     import cache_dit
-    from cache_dit import DBCacheConfig, TaylorSeerCalibratorConfig
+    from cache_dit import DBCacheConfig, FoCaCalibratorConfig, TaylorSeerCalibratorConfig
 
     config = DBCacheConfig(Fn_compute_blocks=head, Bn_compute_blocks=tail, residual_diff_threshold=threshold,
                            max_warmup_steps=warmup)
-    calibrator = TaylorSeerCalibratorConfig(taylorseer_order=order) if order else None
+    calibrator = (FoCaCalibratorConfig() if order == "foca" else
+                  TaylorSeerCalibratorConfig(taylorseer_order=order) if order else None)
     cache_dit.enable_cache(model, cache_config=config, calibrator_config=calibrator)
     cache_dit.refresh_context(model, cache_config=config, calibrator_config=calibrator)
     flags = []
@@ -226,17 +227,19 @@ def _dbcache(model, head, tail, threshold, warmup, order=None):
     return call, flags
 
 
-@pytest.mark.parametrize("head,tail,order", [(1, 0, None), (2, 1, None), (1, 0, 1), (1, 1, 2)])
+@pytest.mark.parametrize("head,tail,order", [(1, 0, None), (2, 1, None), (1, 0, 1), (1, 1, 2), (1, 0, "foca"),
+                                             (2, 1, "foca")])
 @given(threshold=st.floats(0.1, 0.5), seed=st.integers(0, 3))
 def test_dbcache_computes_the_same_steps(head, tail, order, threshold, seed):
     """cache-dit's DBCache on Flux (double and single blocks as one list, as its adapter makes it):
-    F{head}B{tail}, with and without its TaylorSeer calibrator, against AdaptiveConfig with the
-    same settings. cache-dit caches iff diff < threshold, diffusers computes iff diff > threshold:
+    F{head}B{tail}, with and without its TaylorSeer or FoCa calibrator, against AdaptiveConfig with
+    the same settings. cache-dit caches iff diff < threshold, diffusers computes iff diff > threshold:
     the same but at an exact tie, which the property steers clear of."""
     pytest.importorskip("cache_dit")
     torch._dynamo.reset()
+    forecast = {None: "reuse", "foca": "foca"}.get(order, "taylorseer")
     config = AdaptiveConfig(head_blocks=head, tail_blocks=tail, threshold=threshold, warmup=2,
-                            forecast="taylorseer" if order else "reuse", forecast_order=order or 1)
+                            forecast=forecast, forecast_order=order if isinstance(order, int) else 1)
     model, fast = compile_tiny("flux", config, single_layers=3)      # 4 blocks: F2B1 leaves one to cache
     peer = copy.deepcopy(model)
     assert_same_as_peer("flux", model, fast, peer, *_dbcache(peer, head, tail, threshold, warmup=2, order=order),
@@ -249,6 +252,21 @@ def test_dbcache_comparison_sees_both_kinds_of_step():
     call, flags = _dbcache(copy.deepcopy(model), 1, 0, 0.35, warmup=2, order=1)
     denoise(call, "flux", model, 10)
     assert 0 < sum(flags[2:]) < 8, marks(flags)
+
+
+def test_foca_forecast_moves_the_first_cached_step_off_plain_reuse():
+    """The FoCa comparison above is only worth something if FoCa forecasts: up to the first cached
+    step (after the two warm-up steps) FoCa and plain reuse agree; there they differ."""
+    runs = {}
+    for forecast in ("reuse", "foca"):
+        torch._dynamo.reset()
+        model, fast = compile_tiny("flux", AdaptiveConfig(threshold=0.35, warmup=2, forecast=forecast), single_layers=3)
+        runs[forecast] = (denoise(lambda i, **kw: fast(**kw), "flux", model, 10), [d["computed"] for d in decisions(fast)])
+    (reuse, flags), (foca, _) = runs["reuse"], runs["foca"]
+    first = flags.index(False)
+    assert first >= 2, marks(flags)
+    assert all(torch.equal(a, b) for a, b in zip(reuse[:first], foca[:first]))
+    assert not torch.allclose(reuse[first], foca[first])
 
 
 # -- run time: host reads, recompiles, slots, resets ------------------------------------------------
@@ -330,7 +348,7 @@ def test_no_block_left_to_cache_warns_and_runs_plainly():
 
 @given(family=st.sampled_from(["dit", "pixart", "flux"]), head=st.integers(1, 2), tail=st.integers(0, 1),
        threshold=st.floats(0.0, 0.6), warmup=st.integers(0, 2), consecutive=st.none() | st.integers(1, 3),
-       accumulated=st.none() | st.floats(0.5, 3.0), forecast=st.sampled_from(["reuse", "taylorseer", "hermite"]),
+       accumulated=st.none() | st.floats(0.5, 3.0), forecast=st.sampled_from(["reuse", "taylorseer", "hermite", "foca"]),
        order=st.integers(1, 2))
 def test_regional_adaptive_equals_the_oracle(family, head, tail, threshold, warmup, consecutive, accumulated,
                                              forecast, order):

@@ -132,15 +132,17 @@ def test_dit_xl_2_duca_reproduces_the_published_flop_speedups():
 
 
 
-def test_flux_dev_duca_and_hicache_reproduce_the_published_flop_speedups():
+def test_flux_dev_duca_hicache_and_foca_reproduce_the_published_flop_speedups():
     """FLUX.1-dev, 50 steps at 1024² (built on the meta device): DuCa N=5, 978.76 of 3719.5 TFLOPs
-    (3.80x, as cited by later papers of the same group), and HiCache's 5.55x (its README; N=7 with 3
-    warm-up steps). Each preset lands within 2 %."""
+    (3.80x, as cited by later papers of the same group), HiCache's 5.55x (its README; N=7 with 3
+    warm-up steps) and FoCa's 4.16x (its FLUX table). Each preset lands within 2 %."""
     r = flops_report("flux-dev", duca_compile.presets("flux-dev", "duca"), num_steps=50, batch=2)
     assert abs(r["speedup_flops"] / (3719.5 / 978.76) - 1) < 0.02, r["speedup_flops"]
     assert r["steps"]["full"] == 12 and r["steps"]["subset"] > 0 and r["steps"]["skip"] > 0
     r = flops_report("flux-dev", duca_compile.presets("flux-dev", "hicache"), num_steps=50, batch=2)
     assert abs(r["speedup_flops"] / 5.55 - 1) < 0.02 and r["steps"]["full"] == 9, r
+    r = flops_report("flux-dev", duca_compile.presets("flux-dev", "foca"), num_steps=50, batch=2)
+    assert abs(r["speedup_flops"] / 4.16 - 1) < 0.02 and r["steps"]["full"] == 12, r
 
 
 def test_subset_steps_survive_a_non_cpu_device():

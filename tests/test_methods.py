@@ -24,6 +24,7 @@ METHODS = {
     "duca-cycles": DuCaConfig(ratio=0.5, cycles=OPENSORA_CYCLES, warmup=2),
     "taylorseer": TaylorSeerConfig(interval=3, max_order=2, first_enhance=2),
     "hicache": TaylorSeerConfig(interval=3, max_order=2, first_enhance=2, forecast="hermite", hermite_scale=0.6),
+    "foca": TaylorSeerConfig(interval=5, first_enhance=2, forecast="foca"),     # forecasts 1..4 steps out
     "clusca": ClusCaConfig(interval=3, clusters=4, propagation=0.3, max_order=1, first_enhance=2),
     "compute-first": DuCaConfig(interval=3, ratio=0.4, compute_first=1),
 }
@@ -42,17 +43,20 @@ def test_method_equals_oracle(family, method):
 
 @given(family=st.sampled_from(FAMILIES), order=st.integers(0, 3), interval=st.integers(2, 4),
        first=st.integers(1, 3), gamma=st.floats(0, 1), clusters=st.integers(1, 5), clusca=st.booleans(),
-       seed=st.integers(0, 2**16), hermite=st.none() | st.floats(0.2, 1.5))
+       seed=st.integers(0, 2**16), hermite=st.none() | st.floats(0.2, 1.5), foca=st.booleans())
 def test_taylor_and_cluster_methods_equal_oracle(family, order, interval, first, gamma, clusters, clusca, seed,
-                                                 hermite):
-    """TaylorSeer and ClusCa, in the Taylor basis or HiCache's Hermite basis (``hermite``: its σ)."""
+                                                 hermite, foca):
+    """TaylorSeer and ClusCa, in the Taylor basis or HiCache's Hermite basis (``hermite``: its σ);
+    TaylorSeer's schedule with FoCa's forecasts (``foca``; not offered with ClusCa)."""
     torch._dynamo.reset()
     basis = dict(forecast="hermite", hermite_scale=hermite) if hermite is not None else {}
+    if foca and not clusca:
+        basis = dict(forecast="foca")
     config = (ClusCaConfig(interval=interval, clusters=clusters, propagation=gamma, max_order=order,
                            first_enhance=first, seed=seed, **basis) if clusca else
               TaylorSeerConfig(interval=interval, max_order=order, first_enhance=first, seed=seed, **basis))
     model, fast = compile_tiny(family, config, seed=seed)
-    run_against_oracle(family, model, fast, timesteps(2 * interval + first + 1), input_seed=seed)
+    run_against_oracle(family, model, fast, timesteps(2 * interval + first + 2), input_seed=seed)
 
 
 @pytest.mark.parametrize("family", ["dit", "flux"])
@@ -429,4 +433,54 @@ def test_hermite_forecast_differs_from_taylor_only_on_forecast_steps(family):
     hicache = _outputs(family, TaylorSeerConfig(interval=3, max_order=2, first_enhance=1, forecast="hermite"))
     # full steps 0, 3, 6; steps 1 and 2 have one anchor (Δ⁰ alone, weight 1 in both bases)
     for i, (a, b) in enumerate(zip(taylor, hicache)):
+        assert torch.equal(a, b) == (i not in (4, 5, 7)), i
+
+
+@given(plan=st.lists(st.booleans(), min_size=2, max_size=30), seed=st.integers(0, 2**16))
+def test_foca_clock_equals_cache_dits_foca_calibrator_on_any_plan(plan, seed):
+    """duca's FoCa is coefficient rows on ``[F, D, C]`` (``FoCa``) and one update at full steps
+    (``next_terms``); cache-dit's ``FoCaState`` keeps the tensors and recurses. Same values on any
+    plan of full (True) and forecast steps, with step 0 full; the eager oracle's too."""
+    import operator
+
+    from duca_compile.policies.forecasts import FoCa, next_terms
+    from duca_compile.reference import _FoCaTerms
+
+    foca = pytest.importorskip("cache_dit.caching.cache_contexts.calibrators.foca")
+    gen = torch.Generator().manual_seed(seed)
+    peer, oracle, clock = foca.FoCaState(), _FoCaTerms(), FoCa()
+    terms, forecasts = [torch.zeros(6, dtype=torch.float64)] * 3, 0
+    for step, full in enumerate([True, *plan]):
+        peer.mark_step_begin()
+        if full:
+            y = torch.randn(6, generator=gen, dtype=torch.float64)
+            peer.update(y)
+            oracle.compute(y, step)
+            terms = next_terms("foca", y, terms, clock.computed(step), operator.sub, operator.mul)
+            continue
+        ours = sum(t * c for t, c in zip(terms, clock.cached(step)))
+        torch.testing.assert_close(ours, peer.approximate())
+        torch.testing.assert_close(ours, oracle.forecast(step))
+        forecasts += 1
+
+
+def test_foca_forecasts_follow_the_heun_rule_and_are_damped_past_three_steps():
+    """Full steps 0 and 1 (F = 1, D = 1, C = 1), then forecasts: ``F + e/2 (D + local)``, the local
+    difference from the last two values, forecasts included; from e = 4 the e = 3 form times 3/e."""
+    from duca_compile.policies.forecasts import FoCa
+
+    clock = FoCa()
+    assert clock.computed(0) == [0.0, 0.0] and clock.cached(1) == [1.0, 0.0, 0.0]   # one anchor: reuse
+    clock.computed(1)
+    rows = [clock.cached(step) for step in range(2, 7)]
+    values = [c[0] * 1 + c[1] * 1 + c[2] * 1 for c in rows]      # F = D = C = 1
+    assert values == [2.0, 3.0, 4.0, pytest.approx(3.25), pytest.approx(1.225)]
+    assert clock.computed(7) == rows[-1][1:]      # C = D − α·D_old − β·C_old of the last forecast
+
+
+@pytest.mark.parametrize("family", ["dit", "flux"])
+def test_foca_differs_from_taylor_only_on_forecast_steps_after_two_anchors(family):
+    taylor = _outputs(family, TaylorSeerConfig(interval=3, max_order=1, first_enhance=1))
+    foca = _outputs(family, TaylorSeerConfig(interval=3, first_enhance=1, forecast="foca"))
+    for i, (a, b) in enumerate(zip(taylor, foca)):        # full steps 0, 3, 6: steps 1 and 2 reuse in both
         assert torch.equal(a, b) == (i not in (4, 5, 7)), i

@@ -247,6 +247,8 @@ def test_presets_list_and_reject_unknown_names():
     (lambda: TaylorSeerConfig(interval=0), "interval"),
     (lambda: ClusCaConfig(clusters=0), "clusters"),
     (lambda: ClusCaConfig(propagation=1.5), "propagation"),
+    (lambda: ClusCaConfig(forecast="foca"), "forecast"),       # SUBSET steps rewrite FoCa's anchor
+    (lambda: TaylorSeerConfig(forecast="dmd"), "forecast"),
     (lambda: FORAConfig(compute_first=-1), "compute_first"),
     # found by a new user: each ran silently or failed later with another error
     (lambda: DuCaConfig(seed=2**70), "seed"),

@@ -67,7 +67,8 @@ def test_regional_duca_matches_the_oracle_with_hits_in_every_block_and_no_recomp
 
 
 METHODS = [DuCaConfig(), ToCaConfig(), FORAConfig(interval=3), TaylorSeerConfig(), ClusCaConfig(clusters=4),
-           DuCaConfig(compute_first=1), ToCaConfig(selection="kv-norm")]
+           DuCaConfig(compute_first=1), ToCaConfig(selection="kv-norm"),
+           TaylorSeerConfig(interval=5, first_enhance=1, forecast="foca")]
 
 
 @given(family=st_.sampled_from(["dit", "flux", "qwen-image"]), method=st_.sampled_from(METHODS),
@@ -87,8 +88,9 @@ PER_LAYER = DuCaConfig(interval=2, ratio=0.0, count_down=True, interval_weight=0
 
 
 @pytest.mark.parametrize("config, steps", [(FORAConfig(interval=3), 8), (DuCaConfig(ratio=0.0), 8),
-                                           (TaylorSeerConfig(), 8), (PER_LAYER, 7)],
-                         ids=["fora", "duca-no-subset", "taylorseer", "duca-per-layer"])
+                                           (TaylorSeerConfig(), 8), (PER_LAYER, 7),
+                                           (TaylorSeerConfig(interval=3, first_enhance=1, forecast="foca"), 9)],
+                         ids=["fora", "duca-no-subset", "taylorseer", "duca-per-layer", "foca"])
 def test_regional_equals_whole_model_duca(config, steps):
     """Where no random token is drawn, block by block and whole-model give the same outputs and stats."""
     family = "flux"

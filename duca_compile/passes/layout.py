@@ -96,13 +96,14 @@ class CacheLayout:
     sitemap: SiteMap
     orders: int = 0
     propagation: float | None = None
+    forecast: str = "taylor"          # "foca": the terms are FoCa's [F, D, C] (policies.forecasts)
     value_norms: dict[str, list[ValueNorm]] = field(default_factory=dict)
     cluster_sources: dict[int, Site] = field(default_factory=dict)
     plain_sites: frozenset = frozenset()
 
     @classmethod
     def from_graph(cls, gm: fx.GraphModule, sitemap: SiteMap, orders: int = 0, propagation: float | None = None,
-                   value_norms: bool = False, plain_sites=frozenset()) -> "CacheLayout":
+                   value_norms: bool = False, plain_sites=frozenset(), forecast: str = "taylor") -> "CacheLayout":
         nodes = {n.name: n for n in gm.graph.nodes}
         caches, batch = [], None
 
@@ -132,7 +133,7 @@ class CacheLayout:
                 val = nodes[v.node].meta["example_value"]       # [batch, heads, T, head_dim]
                 spec(vnorm_key(block, v.tokens), (val.shape[0], v.tokens), torch.float32, val.device)
         return cls(caches=caches, batch=batch or 0, sitemap=sitemap, orders=orders, propagation=propagation,
-                   value_norms=norms, cluster_sources=sources,
+                   forecast=forecast, value_norms=norms, cluster_sources=sources,
                    plain_sites=frozenset(plain_sites))
 
     def spec(self, key: str) -> CacheSpec:

@@ -19,6 +19,7 @@ import torch
 import torch.fx as fx
 
 from .. import _torch
+from ..policies.forecasts import next_terms
 from .clone_graph import clone_graph
 from .find_sites import LATENT_INPUT, SiteMap
 from .graph_paths import source_name
@@ -275,12 +276,14 @@ def build_head(gm: fx.GraphModule, split: HeadSplit, fake_mode=None, group: str 
     return _finish(g)
 
 
-def build_rest(gm: fx.GraphModule, split: HeadSplit, cached: bool, orders: int = 0, fake_mode=None) -> fx.GraphModule:
+def build_rest(gm: fx.GraphModule, split: HeadSplit, cached: bool, orders: int = 0, fake_mode=None,
+               basis: str = "taylor") -> fx.GraphModule:
     """Inputs: the graph's, one cache per crossing value, per pair its middle residual and its
     ``orders`` finite differences, then with ``orders`` one small float32 table: REUSE's forecast
     coefficients ``[orders + 1]``, COMPUTE's difference weights ``[orders]`` (1 / steps between the
     last two computed steps, or 0 where no difference is taken). Outputs: the graph's.
-    ``cached``: REUSE (middle blocks dropped), else COMPUTE (residual and differences written)."""
+    ``cached``: REUSE (middle blocks dropped), else COMPUTE (residual and differences written, as
+    ``policies.forecasts.next_terms`` for ``basis``)."""
     g = clone_graph(gm)
     graph = g.graph
     nodes = {n.name: n for n in graph.nodes}
@@ -311,11 +314,12 @@ def build_rest(gm: fx.GraphModule, split: HeadSplit, cached: bool, orders: int =
             nodes[m].replace_all_uses_with(stream, delete_user_cb=lambda u: block_path(u) not in upto)
         else:
             with graph.inserting_before(output):
-                new = [graph.call_function(aten.sub.Tensor, (nodes[m], caches[h]))]
-                for i in range(orders):       # every old term is read before any is overwritten
-                    w = graph.call_function(aten.select.int, (table, 0, i))
-                    new.append(graph.call_function(aten.mul.Tensor, (
-                        graph.call_function(aten.sub.Tensor, (new[i], pair[i])), w)))
+                fresh = graph.call_function(aten.sub.Tensor, (nodes[m], caches[h]))
+                # every old term is read before any is overwritten
+                new = next_terms(basis, fresh, pair, [graph.call_function(aten.select.int, (table, 0, i))
+                                                      for i in range(orders)],
+                                 sub=lambda a, b: graph.call_function(aten.sub.Tensor, (a, b)),
+                                 mul=lambda a, b: graph.call_function(aten.mul.Tensor, (a, b)))
                 for term, value in zip(pair, new):
                     graph.call_function(aten.copy_.default, (term, value))
     return _finish(g)

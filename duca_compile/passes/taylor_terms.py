@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
+from ..policies.forecasts import next_terms
 from .layout import VariantContext, order_key
 
 __all__ = ["forecast", "write_differences"]
@@ -31,16 +32,17 @@ def forecast(ctx: VariantContext, site: str, output: int, base: fx.Node) -> fx.N
 
 
 def write_differences(ctx: VariantContext, site: str, output: int, fresh: fx.Node) -> None:
-    """Write ``Δ^0 = fresh`` and ``Δ^{m+1} = (Δ^m_new − Δ^m_old) · w[row, m]`` in place.
+    """Write the terms ``policies.forecasts.next_terms`` gives (TaylorSeer: ``Δ^0 = fresh``,
+    ``Δ^{m+1} = (Δ^m_new − Δ^m_old) · w[row, m]``; FoCa: ``[F, D, C]``) in place.
 
-    Every old term is read before any is overwritten; ``w`` is ``1/d`` for the orders the history
-    allows and 0 beyond, so unreachable orders are written as zeros.
+    Every old term is read before any is overwritten; for TaylorSeer ``w`` is ``1/d`` for the
+    orders the history allows and 0 beyond, so unreachable orders are written as zeros.
     """
     graph, row = ctx.gm.graph, ctx.site_row(site)
     table = ctx.input_nodes.get(("taylor_w", ""))
-    terms = [fresh]
-    for m in range(ctx.layout.orders):
-        diff = graph.call_function(aten.sub.Tensor, (terms[m], ctx.cache_nodes[order_key(site, output, m)]))
-        terms.append(graph.call_function(aten.mul.Tensor, (diff, _coef(graph, table, row, m))))
-    for m, term in enumerate(terms):
-        graph.call_function(aten.copy_.default, (ctx.cache_nodes[order_key(site, output, m)], term))
+    old = [ctx.cache_nodes[order_key(site, output, m)] for m in range(ctx.layout.orders + 1)]
+    terms = next_terms(ctx.layout.forecast, fresh, old, [_coef(graph, table, row, m) for m in range(ctx.layout.orders)],
+                       sub=lambda a, b: graph.call_function(aten.sub.Tensor, (a, b)),
+                       mul=lambda a, b: graph.call_function(aten.mul.Tensor, (a, b)))
+    for cache, term in zip(old, terms):
+        graph.call_function(aten.copy_.default, (cache, term))

@@ -17,11 +17,12 @@ import math
 from dataclasses import dataclass, field
 
 from .base import CacheConfig, CachePolicy, Mode, check_int, check_number, register_policy
-from .forecasts import check_basis, coefficient
+from .forecasts import FOCA_TERMS, FoCa, check_basis, coefficient
 
-__all__ = ["AdaptiveConfig", "AdaptivePolicy", "decide", "record", "Counters", "Forecast", "forecast_basis"]
+__all__ = ["AdaptiveConfig", "AdaptivePolicy", "decide", "record", "Counters", "Forecast", "forecast_basis",
+           "forecast_terms"]
 
-FORECASTS = ("reuse", "taylorseer", "hermite")
+FORECASTS = ("reuse", "taylorseer", "hermite", "foca")
 
 
 @dataclass(frozen=True)
@@ -45,8 +46,10 @@ class AdaptiveConfig(CacheConfig):
     forecast (`str`, defaults to `"reuse"`): what a cached step adds to the head's output: the
         middle residual of the last computed step ("reuse"), or its TaylorSeer forecast from the
         last computed steps ("taylorseer", cache-dit's DBCache + TaylorSeer calibrator), or the same
-        differences in HiCache's Hermite basis ("hermite", ``policies.forecasts``).
-    forecast_order (`int`, defaults to `1`): the forecast's highest finite difference, 1 or 2.
+        differences in HiCache's Hermite basis ("hermite", ``policies.forecasts``), or FoCa's
+        predictor-corrector ("foca": cache-dit's DBCache + FoCa calibrator).
+    forecast_order (`int`, defaults to `1`): the forecast's highest finite difference, 1 or 2
+        (not used by "foca", which keeps its own two terms).
     hermite_scale (`float`, defaults to `0.5`): HiCache's σ, with ``forecast="hermite"``.
     target (`float`, optional): compute this fraction of each request's steps instead of tuning
         ``threshold`` (which must then stay at its default). Each step's diff is compared with the
@@ -165,9 +168,13 @@ class Forecast:
         self.order, self.basis = order, basis
         self.last: int | None = None
         self.valid = [False] * (order + 1)      # which Δ^i the last anchor holds
+        self.foca = FoCa() if basis[0] == "foca" else None
 
     def weights(self, step: int) -> list[float]:
         """COMPUTE at ``step``: each difference's weight (0: not taken); moves the anchor."""
+        if self.foca is not None:
+            self.last = step
+            return self.foca.computed(step)
         w, valid = [0.0] * self.order, [True] + [False] * self.order
         for i in range(self.order):
             if not (self.valid[i] and step >= 3):
@@ -178,6 +185,8 @@ class Forecast:
 
     def coefficients(self, step: int) -> list[float]:
         """REUSE at ``step``: each term's coefficient (0 for a difference the anchor lacks)."""
+        if self.foca is not None:
+            return self.foca.cached(step)
         k = step - self.last
         return [coefficient(self.basis, k, i) if ok else 0.0 for i, ok in enumerate(self.valid)]
 
@@ -194,4 +203,11 @@ class AdaptivePolicy(CachePolicy):
 
 
 def forecast_basis(config: AdaptiveConfig) -> tuple:
-    return ("hermite", config.hermite_scale) if config.forecast == "hermite" else ("taylor", 1.0)
+    if config.forecast in ("hermite", "foca"):
+        return config.forecast, config.hermite_scale
+    return "taylor", 1.0
+
+
+def forecast_terms(config: AdaptiveConfig) -> int:
+    """Terms kept beside the middle residual: 0 with "reuse", FoCa's two, else ``forecast_order``."""
+    return {"reuse": 0, "foca": FOCA_TERMS}.get(config.forecast, config.forecast_order)

@@ -57,7 +57,8 @@ class ClusCaConfig(CacheConfig):
         check_int(owner, "kmeans_iters", self.kmeans_iters, 1)
         check_int(owner, "kmeans_cold_iters", self.kmeans_cold_iters, 1)
         check_bool(owner, "propagate_text", self.propagate_text)
-        check_basis(owner, self.forecast, self.hermite_scale)
+        # FoCa's recursion starts from the last full value, which ClusCa's SUBSET steps rewrite
+        check_basis(owner, self.forecast, self.hermite_scale, ("taylor", "hermite"))
 
 
 @register_policy(ClusCaConfig)

@@ -96,6 +96,9 @@ PRESETS = {
                                                        hermite_scale=0.5),
                               "HiCache's README command (its launcher's defaults): N=7, O=2, σ=0.5, first 3 steps "
                               "full; TaylorSeer's schedule and differences in the scaled Hermite basis"),
+    ("flux-dev", "foca"): (lambda: TaylorSeerConfig(interval=5, first_enhance=3, forecast="foca"),
+                           "FoCa on FLUX at its table's 4.16x: its code is unreleased, so TaylorSeer's schedule "
+                           "(N=5, first 3 steps full: 12 of 50 steps) with FoCa's forecast as cache-dit implements it"),
     ("flux-dev", "taylorseer"): (lambda: TaylorSeerConfig(interval=6, max_order=1, first_enhance=3),
                                  "TaylorSeer-FLUX code: N=6, O=1"),
     ("flux-dev", "clusca"): (lambda: ClusCaConfig(interval=5, clusters=16, propagation=0.005, max_order=1,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .forecasts import coefficient
+from .forecasts import FoCa, coefficient
 
 __all__ = ["TaylorClock"]
 
@@ -16,11 +16,15 @@ class TaylorClock:
         self.valid: dict[str, int] = {}     # site -> Taylor terms available (1 .. orders + 1)
         self._tensors: dict[tuple, torch.Tensor] = {}
 
+        self.foca: dict[str, FoCa] = {}     # site -> its FoCa clock, with basis "foca"
+
     def reset(self) -> None:
-        self.last, self.valid = {}, {}
+        self.last, self.valid, self.foca = {}, {}, {}
 
     def tables(self, actions: dict, step: int, device) -> tuple[torch.Tensor, torch.Tensor]:
         """Coefficients for this call; advances the clock for the sites computed in full."""
+        if self.basis[0] == "foca":
+            return self._foca_tables(actions, step, device)
         coef, w = [], []
         for site in self.sites:
             last, valid = self.last.get(site), self.valid.get(site, 1)
@@ -35,6 +39,18 @@ class TaylorClock:
                 k = step - last if last is not None else 0
                 coef.append([coefficient(self.basis, k, m) if m < valid else 0.0 for m in range(self.orders + 1)])
                 w.append([0.0] * self.orders)
+        return self._tensor(coef, device), self._tensor(w, device)
+
+    def _foca_tables(self, actions: dict, step: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        coef, w = [], []
+        for site in self.sites:
+            clock = self.foca.setdefault(site, FoCa())
+            if actions[site] == "compute":
+                w.append(clock.computed(step))
+                coef.append([1.0, 0.0, 0.0])
+            else:
+                coef.append(clock.cached(step))
+                w.append([0.0, 0.0])
         return self._tensor(coef, device), self._tensor(w, device)
 
     def _tensor(self, rows: list, device) -> torch.Tensor:

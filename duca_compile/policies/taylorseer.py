@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .base import CacheConfig, CachePolicy, Mode, StepPlan, check_int, register_policy
-from .forecasts import check_basis
+from .forecasts import FOCA_TERMS, check_basis
 
 __all__ = ["TaylorSeerConfig", "TaylorSeerPolicy", "counter_full_step"]
 
@@ -41,8 +41,10 @@ class TaylorSeerConfig(CacheConfig):
         "official" ``(step − (first_enhance − 1)) % interval == 0`` (the TaylorSeer code), or
         "diffusers" ``(step − first_enhance − 1) % interval == 0`` with differences from step 1 on
         (diffusers' ``TaylorSeerCache``: its outputs, for the same settings).
-    forecast (`str`, defaults to `"taylor"`): the basis the differences are combined in:
-        "taylor" (``k^i / i!``) or "hermite" (HiCache: ``σ^i H_i(σk) / i!``, see ``policies.forecasts``).
+    forecast (`str`, defaults to `"taylor"`): how cached steps are forecast: "taylor" (``k^i / i!``
+        on the differences), "hermite" (HiCache: ``σ^i H_i(σk) / i!``), or "foca" (FoCa's
+        predictor-corrector as cache-dit implements it; its own two terms, ``max_order`` unused).
+        See ``policies.forecasts``.
     hermite_scale (`float`, defaults to `0.5`): HiCache's σ (its FLUX default), with "hermite"."""
 
     interval: int = 4
@@ -67,7 +69,7 @@ class TaylorSeerConfig(CacheConfig):
 class TaylorSeerPolicy(CachePolicy):
     def __init__(self, config):
         super().__init__(config)
-        self.taylor_orders = config.max_order
+        self.taylor_orders = FOCA_TERMS if config.forecast == "foca" else config.max_order
         # diffusers differences every update after the first; the official code starts afresh in the warm-up
         self.taylor_warmup = 1 if config.phase == "diffusers" else config.first_enhance
         self.forecast_basis = (config.forecast, config.hermite_scale)
