@@ -1,4 +1,4 @@
-"""``python -m benchmarks train|fidelity|speed|flops|subset_k|dispatch|compile|adaptive|adaptive-cond|two-thresholds|flow-fidelity|plot [--quick] [--device cuda]``,
+"""``python -m benchmarks train|fidelity|speed|flops|subset_k|dispatch|compile|adaptive|adaptive-cond|two-thresholds|flow-fidelity|flow-front|plot [--quick] [--device cuda]``,
 ``python -m benchmarks gpu --out DIR [--device cuda|cpu] [--tiny] [--sections a,b]``
 
 Results land in ``benchmarks/results/`` as markdown (with the device and versions), JSON and PNG;
@@ -443,6 +443,43 @@ def flow_fidelity(args) -> None:
     print(path.read_text())
 
 
+FRONT_COLUMNS = {"steps": ("steps", "{}"), "method": ("method", "{}"), "knob": ("knob", "{}"),
+                 "library": ("library", "{}"), "PSNR (dB)": ("psnr", "{:.2f}"), "faithful": ("faithful", "{:.1%}"),
+                 "FLOP ratio": ("flop_ratio", "{:.1%}"), "request s": ("seconds", "{:.2f}"),
+                 "speed-up": ("speedup", "{:.2f}x"), "first request s": ("warmup_seconds", "{:.1f}"),
+                 "notes": ("notes", "{}")}
+
+
+def flow_front(args) -> None:
+    """speed/quality fronts on the trained flow model: duca and the peers in one run, timed round robin"""
+    from .flow import load_flow
+    from .flow_front import QUICK, STANDARD, run, standing
+
+    setup = QUICK if args.quick else STANDARD
+    rows, unavailable = run(setup, load_flow(), progress=_progress())
+    name = "flow_front" + _suffix(args.quick)
+    text = (f"The trained FLUX-like flow model (`benchmarks/flow.py`), FlowMatchEulerDiscreteScheduler at "
+            f"{' and '.join(map(str, setup.steps))} steps, guidance {setup.guidance}, the 48 captions "
+            f"{setup.per_caption}x per request from fixed noise (CFG batched: one call of {96 * setup.per_caption} "
+            f"per step). Inner compiler {setup.inner}; peers compiled by plain torch.compile. Round robin: every "
+            f"row's first request, then {setup.rounds} rounds of one request per row in turn; request s is the "
+            "median over the rounds, speed-up the plain torch.compile row's over it. PSNR against the plain row's "
+            "samples; faithful: colour, shape and quadrant as captioned (exact checks).\n\n"
+            + markdown_table(rows, FRONT_COLUMNS) + "\n\nWhere duca stands against each peer (same run):\n\n"
+            + "\n".join(standing(rows)) + "\n")
+    if unavailable:
+        text += "\nPeers that could not run on this model:\n\n" + "\n".join(
+            f"- {k}: {v}" for k, v in unavailable.items()) + "\n"
+    presets_used = ("flux-dev:toca", "flux-dev:duca", "flux-dev:taylorseer", "flux-dev:hicache", "flux-dev:foca",
+                    "flux-dev:clusca")
+    path = write(args.out, name, "Fronts on the trained flow model: duca and the peers", text, rows,
+                 environment(), presets=presets_used)
+    for steps in setup.steps:
+        plot_tradeoff([r for r in rows if r.steps == steps and r.library != "torch"], args.out / f"{name}_{steps}.png",
+                      xlabel=f"wall-clock speed-up vs plain torch.compile, {steps} steps")
+    print(path.read_text())
+
+
 def _bar_plot(out, name: str) -> None:
     import json
 
@@ -513,7 +550,7 @@ def main(argv=None) -> None:
     for name, fn in (("fidelity", fidelity), ("speed", speed), ("flops", flops), ("subset_k", subset_k),
                      ("dispatch", dispatch), ("compile", compile_cost), ("adaptive", adaptive),
                      ("two-thresholds", two_thresholds), ("adaptive-cond", adaptive_cond),
-                     ("flow-fidelity", flow_fidelity)):
+                     ("flow-fidelity", flow_fidelity), ("flow-front", flow_front)):
         p = sub.add_parser(name, help=(fn.__doc__ or name).strip())
         p.add_argument("--quick", action="store_true", help="a few minutes on the CPU")
         p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])

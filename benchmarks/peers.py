@@ -83,6 +83,8 @@ class CacheDiT(Peer):
 
     config: dict = dataclasses.field(default_factory=dict)
     taylorseer_order: int = 0      # 0: plain residual reuse
+    foca: bool = False             # FoCa's calibrator instead (both streams)
+    encoder_calibrator: bool = False   # also forecast the text stream (Flux's joint blocks)
 
     def _apply(self, model, num_steps):
         os.environ.setdefault("CACHE_DIT_LOG_LEVEL", "error")     # read once, at cache-dit's import
@@ -92,9 +94,11 @@ class CacheDiT(Peer):
         if self.config["Fn_compute_blocks"] + self.config["Bn_compute_blocks"] >= blocks:
             raise ValueError(f"{self.name}: Fn + Bn leaves none of {blocks} blocks to cache")
         calibrator = None
-        if self.taylorseer_order:
+        if self.foca:
+            calibrator = cache_dit.FoCaCalibratorConfig()
+        elif self.taylorseer_order:
             calibrator = cache_dit.TaylorSeerCalibratorConfig(taylorseer_order=self.taylorseer_order,
-                                                              enable_encoder_calibrator=False)
+                                                              enable_encoder_calibrator=self.encoder_calibrator)
         # enable_separate_cfg=False: CFG is batched into one call, so one context sees every step.
         cache_dit.enable_cache(model, cache_config=cache_dit.DBCacheConfig(
             **self.config, num_inference_steps=num_steps, enable_separate_cfg=False),
@@ -183,6 +187,7 @@ class TaylorSeerCache(_DiffusersHooks):
     interval: int = 4
     warmup: int = 3
     order: int = 1
+    targets: tuple | None = _TAYLORSEER_TARGETS     # None: the library's defaults (made for FLUX)
     hook_names = ("taylorseer_cache",)
 
     def _apply(self, model, num_steps):
@@ -191,7 +196,7 @@ class TaylorSeerCache(_DiffusersHooks):
         apply_taylorseer_cache(model, TaylorSeerCacheConfig(
             cache_interval=self.interval, disable_cache_before_step=self.warmup, max_order=self.order,
             taylor_factors_dtype=torch.float32,          # default bfloat16 would add its own error
-            cache_identifiers=list(_TAYLORSEER_TARGETS)))
+            cache_identifiers=list(self.targets) if self.targets is not None else None))
         self._registered(model)
 
 

@@ -262,3 +262,25 @@ def test_flow_fidelity_rows_report_quality_and_flops_of_duca_on_the_flow_model()
                rows=[("FORA", "N=2", FORAConfig(interval=2))])
     assert [r.method for r in rows] == ["uncached", "FORA"]
     assert rows[1].flop_ratio < 1 and 0 < rows[1].psnr < float("inf") and not rows[1].notes
+
+
+def test_flow_front_times_duca_and_a_peer_round_robin_and_places_the_peer(tmp_path):
+    """The flow-front path on an untrained flow model, eagerly (no quality claim): duca's FORA and
+    diffusers' FirstBlockCache at a threshold that caches every step after the first, next to the
+    plain row; each row timed over the rounds, both caching, the peer placed by ``standing``."""
+    pytest.importorskip("diffusers")
+    from benchmarks import peers as peer_lib
+    from benchmarks.flow import make_flow
+    from benchmarks.flow_front import Setup, run, standing
+
+    torch.manual_seed(0)
+    fbc = peer_lib.FirstBlockCache("diffusers FirstBlockCache", "diffusers", {"threshold": 1e9}, threshold=1e9)
+    rows, unavailable = run(Setup(steps=(4,), rounds=2, inner="eager"), make_flow().eval(),
+                            duca=[("FORA", "N=2", duca_compile.FORAConfig(interval=2))], peers=[fbc])
+    assert [r.library for r in rows] == ["torch", "duca", "diffusers"] and not unavailable
+    plain, fora, peer = rows
+    assert plain.flop_ratio == 1.0 and plain.speedup == 1.0 and plain.psnr == 100.0
+    assert 0.4 < fora.flop_ratio < 0.7 and fora.psnr < 100 and fora.seconds > 0 and fora.warmup_seconds > 0
+    assert peer.flop_ratio < 0.9 and peer.psnr < 100
+    (line,) = standing(rows)
+    assert line.startswith("- 4 steps, diffusers FirstBlockCache") and any(w in line for w in ("above", "equal", "below"))

@@ -1,0 +1,285 @@
+"""``python -m benchmarks flow-front [--quick]``: the speed/quality fronts on the trained flow model
+(``benchmarks.flow``): duca's methods and the peers (diffusers' hooks, cache-dit) in one run, at 20
+and 50 steps.
+
+Every row gets its own copy of the transformer: duca's rows compiled by duca (Inductor inside), the
+peers' rows with their hooks applied and compiled by plain ``torch.compile`` as their users run them
+(graph breaks and all; a peer that fails compiled runs eagerly and says so), and one plain
+``torch.compile`` row, the uncached reference. Timing is round robin: every row's first request
+(compile and warm-up, reported apart) runs, then ``rounds`` rounds each run one request of every row
+in turn, so drift in the machine's speed lands on all rows alike. A row's wall-clock is the median
+of its rounds; its speed-up, the plain row's median over it. Quality comes from the first round:
+PSNR against the plain row's samples (same noise) and caption faithfulness (exact checks). FLOPs:
+duca's own count for the round's request; a peer's, ``FlopCounterMode`` over a small eager request
+against the plain model's.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+import duca_compile
+from duca_compile import AdaptiveConfig, FORAConfig, TaylorSeerConfig, presets
+
+from . import peers as peer_lib
+from .flow import FlowModel, sample_flow
+from .flow_fidelity import _inputs
+from .metrics import psnr
+from .shapes import faithfulness
+
+__all__ = ["Setup", "QUICK", "STANDARD", "Row", "duca_rows", "peer_rows", "run"]
+
+
+@dataclass(frozen=True)
+class Setup:
+    steps: tuple = (20, 50)
+    guidance: float = 3.0
+    per_caption: int = 1        # samples per caption per request (48 captions)
+    rounds: int = 3
+    inner: str = "inductor"     # "eager": no compile anywhere (the quick check of the code path)
+
+
+QUICK = Setup(steps=(6,), rounds=1, inner="eager")
+STANDARD = Setup()
+
+
+@dataclass
+class Row:
+    steps: int
+    method: str
+    knob: str
+    library: str
+    psnr: float
+    faithful: float
+    flop_ratio: float
+    seconds: float              # median request wall-clock over the rounds
+    speedup: float              # the plain row's median / this row's
+    warmup_seconds: float       # the first request (compile included)
+    notes: str = ""
+
+
+THRESHOLD, WARMUP = 0.2, 3      # the adaptive rows, duca's and the peers', at one setting
+
+
+def duca_rows() -> list[tuple[str, str, object]]:
+    return [
+        ("FORA", "N=2", FORAConfig(interval=2)),
+        ("FORA", "N=3", FORAConfig(interval=3)),
+        ("FORA", "N=4", FORAConfig(interval=4)),
+        ("ToCa", "preset flux-dev", presets("flux-dev", "toca")),
+        ("DuCa", "preset flux-dev", presets("flux-dev", "duca")),
+        ("TaylorSeer", "N=4 O=1 W=3", TaylorSeerConfig(interval=4, max_order=1, first_enhance=3)),
+        ("TaylorSeer", "preset flux-dev", presets("flux-dev", "taylorseer")),
+        ("HiCache", "preset flux-dev", presets("flux-dev", "hicache")),
+        ("FoCa", "N=3 W=3", TaylorSeerConfig(interval=3, first_enhance=3, forecast="foca")),
+        ("FoCa", "preset flux-dev", presets("flux-dev", "foca")),
+        # the captions have 3 text tokens: ClusCa clusters each stream, so K is at most 3 there
+        ("ClusCa", "preset flux-dev, K=3", dataclasses.replace(presets("flux-dev", "clusca"), clusters=3)),
+        ("adaptive", f"F1B0 {THRESHOLD} W={WARMUP}", AdaptiveConfig(threshold=THRESHOLD, warmup=WARMUP)),
+        ("adaptive + TaylorSeer", f"F1B0 {THRESHOLD} W={WARMUP}",
+         AdaptiveConfig(threshold=THRESHOLD, warmup=WARMUP, forecast="taylorseer")),
+        ("adaptive + FoCa", f"F1B0 {THRESHOLD} W={WARMUP}",
+         AdaptiveConfig(threshold=THRESHOLD, warmup=WARMUP, forecast="foca")),
+    ]
+
+
+def peer_rows(calibration: Callable) -> list[peer_lib.Peer]:
+    """The adaptive peers at duca's adaptive setting (same decisions by construction, so the rows
+    compare execution), diffusers' TaylorSeerCache at duca's TaylorSeer N=4 schedule and MagCache,
+    calibrated on this model's sampler."""
+    def dbcache(label, **calibrator):
+        cfg = dict(Fn_compute_blocks=1, Bn_compute_blocks=0, residual_diff_threshold=THRESHOLD,
+                   max_warmup_steps=WARMUP)
+        return peer_lib.CacheDiT(f"cache-dit DBCache F1B0{label}", "cache-dit", {"threshold": THRESHOLD, "warmup": WARMUP},
+                                 config=cfg, **calibrator)
+
+    return [
+        dbcache(""),
+        dbcache(" + TaylorSeer", taylorseer_order=1, encoder_calibrator=True),
+        dbcache(" + FoCa", foca=True),
+        peer_lib.FirstBlockCache("diffusers FirstBlockCache", "diffusers", {"threshold": THRESHOLD},
+                                 threshold=THRESHOLD),
+        peer_lib.TaylorSeerCache("diffusers TaylorSeerCache", "diffusers", {"interval": 4, "warmup": 3, "order": 1},
+                                 interval=4, warmup=3, order=1, targets=None),
+        peer_lib.MagCache("diffusers MagCache", "diffusers", {"threshold": THRESHOLD, "max_skip": 4},
+                          threshold=THRESHOLD, max_skip=4, retention=0.2, cfg=True, calibration=calibration),
+    ]
+
+
+class _Entry:
+    """One row: ``request(steps, noise, tokens)`` draws images; ``flop_ratio(steps)`` of a request."""
+
+    def __init__(self, method, knob, library):
+        self.method, self.knob, self.library, self.notes = method, knob, library, ""
+
+    def request(self, steps, noise, tokens): raise NotImplementedError
+    def flop_ratio(self, steps): raise NotImplementedError
+
+
+class _Plain(_Entry):
+    def __init__(self, model: FlowModel, setup: Setup):
+        super().__init__("plain torch.compile", "-", "torch")
+        self.model, self.guidance = model, setup.guidance
+        net = copy.deepcopy(model.transformer)
+        self.net = net if setup.inner == "eager" else torch.compile(net, dynamic=False)
+
+    def request(self, steps, noise, tokens):
+        return sample_flow(self.model, noise, tokens, steps, self.guidance, transformer=self.net)
+
+    def flop_ratio(self, steps):
+        return 1.0
+
+
+class _Duca(_Entry):
+    def __init__(self, model: FlowModel, setup: Setup, method, knob, config):
+        super().__init__(method, knob, "duca")
+        self.model, self.guidance = model, setup.guidance
+        self.fast = torch.compile(copy.deepcopy(model.transformer), dynamic=False, fullgraph=True,
+                                  backend=duca_compile.duca_backend(config, inner=setup.inner))
+        self.last = (0, 0)
+
+    def request(self, steps, noise, tokens):
+        before = self._counts()
+        with duca_compile.sampling(self.fast, num_steps=steps):
+            out = sample_flow(self.model, noise, tokens, steps, self.guidance, transformer=self.fast)
+        after = self._counts()
+        self.last = (after[0] - before[0], after[1] - before[1])
+        if duca_compile.stats(self.fast, flops=False)["cache_hits"] == 0:
+            self.notes = "no cache hit"
+        return out
+
+    def _counts(self):
+        from duca_compile.runtime import state_of
+
+        if state_of(self.fast) is None:            # before its first call
+            return 0, 0
+        s = duca_compile.stats(self.fast)
+        return s.get("flops_run", 0), s.get("flops_full", 0)
+
+    def flop_ratio(self, steps):
+        run_, full = self.last
+        return run_ / full if full else float("nan")
+
+
+class _Peer(_Entry):
+    def __init__(self, model: FlowModel, setup: Setup, peer: peer_lib.Peer):
+        super().__init__(peer.name, ", ".join(f"{k} {v}" for k, v in peer.settings.items()), peer.library)
+        self.model, self.guidance, self.peer = model, setup.guidance, peer
+        self.net = copy.deepcopy(model.transformer)
+        self.compiled = self.net if setup.inner == "eager" else torch.compile(self.net, dynamic=False)
+
+    def _sample(self, net, steps, noise, tokens):
+        self.peer.new_request(self.net, steps)
+        return sample_flow(self.model, noise, tokens, steps, self.guidance,
+                           transformer=lambda **kw: self.peer.call(net, **kw))
+
+    def request(self, steps, noise, tokens):
+        if self.compiled is not self.net:
+            try:
+                return self._sample(self.compiled, steps, noise, tokens)
+            except Exception as e:  # noqa: BLE001 - recorded in the table
+                self.notes, self.compiled = f"compiled run failed ({type(e).__name__}); eager", self.net
+        return self._sample(self.net, steps, noise, tokens)
+
+    def flop_ratio(self, steps):
+        from torch.utils.flop_counter import FlopCounterMode
+
+        noise, tokens = self._small
+        with FlopCounterMode(display=False) as counted:
+            self._sample(self.net, steps, noise, tokens)
+        with FlopCounterMode(display=False) as plain:
+            sample_flow(self.model, noise, tokens, steps, self.guidance)
+        return counted.get_total_flops() / plain.get_total_flops()
+
+
+def _timed(fn) -> tuple[object, float]:
+    start = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - start
+
+
+@torch.no_grad()
+def run(setup: Setup, model: FlowModel, progress=lambda it, **kw: it, duca=None, peers=None) -> tuple[list, dict]:
+    """Rows per step count, and the peers that could not run (name -> why). ``duca`` / ``peers``:
+    the rows to run instead of ``duca_rows()`` / ``peer_rows(...)``."""
+    torch._dynamo.reset()
+    torch._dynamo.config.recompile_limit = 64        # one cache entry per row's model copy
+    captions, noise, tokens = _inputs(setup.per_caption)
+    small = (noise[:4], tokens[:4])
+
+    def calibration(call, num_steps, cfg=True):      # MagCache's calibration request, on this sampler
+        return sample_flow(model, small[0], small[1], num_steps, setup.guidance, transformer=lambda **kw: call(**kw))
+
+    entries: list[_Entry] = [_Plain(model, setup)]
+    entries += [_Duca(model, setup, *r) for r in (duca if duca is not None else duca_rows())]
+    entries += [_Peer(model, setup, p) for p in (peers if peers is not None else peer_rows(calibration))]
+    for e in entries:
+        e._small = small
+    unavailable, rows = {}, []
+    for steps in setup.steps:
+        warm = {}
+        for e in progress(list(entries), desc=f"{steps} steps: first requests"):
+            try:
+                warm[e], e.warm_s = _timed(lambda: e.request(steps, noise, tokens))
+            except Exception as err:  # noqa: BLE001 - a peer that cannot run on this model is reported
+                if e.library in ("duca", "torch"):
+                    raise
+                unavailable[e.method] = f"{type(err).__name__}: {str(err).splitlines()[0][:160]}"
+        live = [e for e in entries if e in warm]
+        times: dict = {e: [] for e in live}
+        images: dict = {}
+        flops: dict = {}
+        for r in progress(range(setup.rounds), desc=f"{steps} steps: rounds"):
+            for e in live:
+                out, seconds = _timed(lambda: e.request(steps, noise, tokens))
+                times[e].append(seconds)
+                if r == 0:
+                    images[e] = out
+                    if e.library == "duca":
+                        flops[e] = e.flop_ratio(steps)
+        for e in live:
+            if e not in flops:
+                flops[e] = e.flop_ratio(steps)
+        plain = entries[0]
+        base = statistics.median(times[plain])
+        for e in live:
+            med = statistics.median(times[e])
+            f = faithfulness(images[e], captions)
+            rows.append(Row(steps, e.method, e.knob, e.library, psnr(images[e], images[plain]), f["all"],
+                            flops[e], med, base / med, e.warm_s, e.notes))
+    return rows, unavailable
+
+
+def standing(rows: list[Row]) -> list[str]:
+    """Per peer row: whether some caching duca row at the same step count is as fast or faster with
+    a PSNR as high or higher (above), within 5 % of its speed and 0.5 dB of its PSNR (equal), or
+    neither (below). A row that cached nothing is no comparison."""
+    lines = []
+    for p in rows:
+        if p.library not in ("diffusers", "cache-dit"):
+            continue
+        head = f"- {p.steps} steps, {p.method} ({p.psnr:.2f} dB at {p.speedup:.2f}x, {p.flop_ratio:.0%} FLOPs)"
+        if p.flop_ratio >= 0.999:
+            lines.append(f"{head}: cached nothing at this setting, no comparison")
+            continue
+        ours = [r for r in rows if r.steps == p.steps and r.library == "duca" and r.flop_ratio < 0.999]
+        better = [r for r in ours if r.speedup >= p.speedup and r.psnr >= p.psnr]
+        close = [r for r in ours if r.speedup >= 0.95 * p.speedup and r.psnr >= p.psnr - 0.5]
+        faster = [r for r in ours if r.speedup >= p.speedup]
+        if better:
+            word, best = "above", max(better, key=lambda r: (r.psnr, r.speedup))
+        elif close:
+            word, best = "equal", max(close, key=lambda r: (r.psnr, r.speedup))
+        else:
+            word = "below"
+            best = max(faster, key=lambda r: r.psnr) if faster else max(ours, key=lambda r: r.speedup)
+        lines.append(f"{head}: **{word}** — {len(better)} duca rows as fast or faster with a PSNR as high or "
+                     f"higher; {'best' if word != 'below' else 'nearest'} {best.method} {best.knob}: "
+                     f"{best.psnr:.2f} dB at {best.speedup:.2f}x")
+    return lines
