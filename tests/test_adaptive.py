@@ -426,8 +426,11 @@ def test_regional_no_block_left_to_cache_warns_and_runs_plainly():
 # -- Inductor, end to end ---------------------------------------------------------------------------
 
 @pytest.mark.inductor
-def test_inductor_adaptive_equals_the_oracle():
-    config = AdaptiveConfig(threshold=0.45, tail_blocks=1, forecast="taylorseer")
+@pytest.mark.parametrize("tail,forecast", [(1, "taylorseer"), (0, "taylorseer"), (0, "foca")])
+def test_inductor_adaptive_equals_the_oracle(tail, forecast):
+    """With no tail block the forecast terms are written next to the output norm's loops: written in
+    the caches' own shape, Inductor's CPU outer-loop fusion failed there (KeyError, torch 2.13)."""
+    config = AdaptiveConfig(threshold=0.45, tail_blocks=tail, forecast=forecast)
     model, fast = compile_tiny("flux", config, inner="inductor", single_layers=3)
     oracle = AdaptiveReference(copy.deepcopy(model), config, [*BLOCKS["flux"], "single_transformer_blocks.2"])
     got = denoise(lambda i, **kw: fast(**kw), "flux", model, 8)

@@ -315,11 +315,15 @@ def build_rest(gm: fx.GraphModule, split: HeadSplit, cached: bool, orders: int =
         else:
             with graph.inserting_before(output):
                 fresh = graph.call_function(aten.sub.Tensor, (nodes[m], caches[h]))
+                # written flat: in the caches' own shape Inductor's CPU outer-loop fusion joins these
+                # writes to the last norm's loops and fails (KeyError on a local buffer, torch 2.13, Flux)
+                flat = [graph.call_function(aten.reshape.default, (t, [-1])) for t in pair]
+                fresh = graph.call_function(aten.reshape.default, (fresh, [-1]))
                 # every old term is read before any is overwritten
-                new = next_terms(basis, fresh, pair, [graph.call_function(aten.select.int, (table, 0, i))
+                new = next_terms(basis, fresh, flat, [graph.call_function(aten.select.int, (table, 0, i))
                                                       for i in range(orders)],
                                  sub=lambda a, b: graph.call_function(aten.sub.Tensor, (a, b)),
                                  mul=lambda a, b: graph.call_function(aten.mul.Tensor, (a, b)))
-                for term, value in zip(pair, new):
+                for term, value in zip(flat, new):
                     graph.call_function(aten.copy_.default, (term, value))
     return _finish(g)
