@@ -1,4 +1,4 @@
-"""``python -m benchmarks train|fidelity|speed|flops|subset_k|dispatch|compile|adaptive|adaptive-cond|two-thresholds|flow-fidelity|flow-front|plot [--quick] [--device cuda]``,
+"""``python -m benchmarks train|fidelity|speed|flops|subset_k|dispatch|compile|adaptive|adaptive-cond|two-thresholds|flow-fidelity|flow-front|dit-front|plot [--quick] [--device cuda]``,
 ``python -m benchmarks gpu --out DIR [--device cuda|cpu] [--tiny] [--sections a,b]``
 
 Results land in ``benchmarks/results/`` as markdown (with the device and versions), JSON and PNG;
@@ -443,41 +443,72 @@ def flow_fidelity(args) -> None:
     print(path.read_text())
 
 
-FRONT_COLUMNS = {"steps": ("steps", "{}"), "method": ("method", "{}"), "knob": ("knob", "{}"),
-                 "library": ("library", "{}"), "PSNR (dB)": ("psnr", "{:.2f}"), "faithful": ("faithful", "{:.1%}"),
-                 "FLOP ratio": ("flop_ratio", "{:.1%}"), "request s": ("seconds", "{:.2f}"),
-                 "speed-up": ("speedup", "{:.2f}x"), "first request s": ("warmup_seconds", "{:.1f}"),
-                 "notes": ("notes", "{}")}
+def _front_columns(score_name: str) -> dict:
+    return {"steps": ("steps", "{}"), "method": ("method", "{}"), "knob": ("knob", "{}"),
+            "library": ("library", "{}"), "PSNR (dB)": ("psnr", "{:.2f}"), score_name: ("score", "{:.1%}"),
+            "FLOP ratio": ("flop_ratio", "{:.1%}"), "request s": ("seconds", "{:.2f}"),
+            "speed-up": ("speedup", "{:.2f}x"), "first request s": ("warmup_seconds", "{:.1f}"),
+            "notes": ("notes", "{}")}
+
+
+def _front(args, name: str, title: str, described: str, setup, work, duca, peer_list, presets_used) -> None:
+    from .flow_front import run, standing
+
+    from .flow_front import MAGCACHE_LEFT_OUT
+
+    rows, unavailable = run(setup, work, duca, peer_list, progress=_progress())
+    unavailable["diffusers MagCache"] = MAGCACHE_LEFT_OUT.split(": ", 1)[1]
+    name += _suffix(args.quick)
+    text = (f"{described} Inner compiler {setup.inner}; peers compiled by plain torch.compile (graph breaks "
+            f"and all). Round robin: every row's first request, then {setup.rounds} rounds of one request per "
+            "row in turn; request s is the median over the rounds, speed-up the plain torch.compile row's over "
+            "it. PSNR against the plain row's samples (same noise).\n\n"
+            + markdown_table(rows, _front_columns(work.score_name))
+            + "\n\nWhere duca stands against each peer (same run):\n\n" + "\n".join(standing(rows)) + "\n")
+    if unavailable:
+        text += "\nPeers that could not run on this model:\n\n" + "\n".join(
+            f"- {k}: {v}" for k, v in unavailable.items()) + "\n"
+    path = write(args.out, name, title, text, rows, environment(), presets=presets_used)
+    for steps in setup.steps:
+        plot_tradeoff([r for r in rows if r.steps == steps and r.flop_ratio < 0.999], args.out / f"{name}_{steps}.png",
+                      xlabel=f"wall-clock speed-up vs plain torch.compile, {steps} steps")
+    print(path.read_text())
 
 
 def flow_front(args) -> None:
     """speed/quality fronts on the trained flow model: duca and the peers in one run, timed round robin"""
     from .flow import load_flow
-    from .flow_front import QUICK, STANDARD, run, standing
+    from .flow_front import QUICK, STANDARD, flow_duca_rows, flow_peer_rows, flow_workload
 
     setup = QUICK if args.quick else STANDARD
-    rows, unavailable = run(setup, load_flow(), progress=_progress())
-    name = "flow_front" + _suffix(args.quick)
-    text = (f"The trained FLUX-like flow model (`benchmarks/flow.py`), FlowMatchEulerDiscreteScheduler at "
-            f"{' and '.join(map(str, setup.steps))} steps, guidance {setup.guidance}, the 48 captions "
-            f"{setup.per_caption}x per request from fixed noise (CFG batched: one call of {96 * setup.per_caption} "
-            f"per step). Inner compiler {setup.inner}; peers compiled by plain torch.compile. Round robin: every "
-            f"row's first request, then {setup.rounds} rounds of one request per row in turn; request s is the "
-            "median over the rounds, speed-up the plain torch.compile row's over it. PSNR against the plain row's "
-            "samples; faithful: colour, shape and quadrant as captioned (exact checks).\n\n"
-            + markdown_table(rows, FRONT_COLUMNS) + "\n\nWhere duca stands against each peer (same run):\n\n"
-            + "\n".join(standing(rows)) + "\n")
-    if unavailable:
-        text += "\nPeers that could not run on this model:\n\n" + "\n".join(
-            f"- {k}: {v}" for k, v in unavailable.items()) + "\n"
-    presets_used = ("flux-dev:toca", "flux-dev:duca", "flux-dev:taylorseer", "flux-dev:hicache", "flux-dev:foca",
-                    "flux-dev:clusca")
-    path = write(args.out, name, "Fronts on the trained flow model: duca and the peers", text, rows,
-                 environment(), presets=presets_used)
-    for steps in setup.steps:
-        plot_tradeoff([r for r in rows if r.steps == steps and r.library != "torch"], args.out / f"{name}_{steps}.png",
-                      xlabel=f"wall-clock speed-up vs plain torch.compile, {steps} steps")
-    print(path.read_text())
+    work = flow_workload(load_flow(), setup)
+    described = (f"The trained FLUX-like flow model (`benchmarks/flow.py`), FlowMatchEulerDiscreteScheduler at "
+                 f"{' and '.join(map(str, setup.steps))} steps, guidance {setup.guidance}, the 48 captions "
+                 f"{setup.per_caption}x per request from fixed noise (CFG batched: one call of "
+                 f"{96 * setup.per_caption} per step); faithful: colour, shape and quadrant as captioned (exact "
+                 "checks).")
+    _front(args, "flow_front", "Fronts on the trained flow model: duca and the peers", described, setup, work,
+           flow_duca_rows(), flow_peer_rows(work),
+           ("flux-dev:toca", "flux-dev:duca", "flux-dev:taylorseer", "flux-dev:hicache", "flux-dev:foca",
+            "flux-dev:clusca"))
+
+
+def dit_front(args) -> None:
+    """speed/quality fronts on the trained digits DiT: duca and the peers in one run, timed round robin"""
+    from .flow_front import DIT, QUICK, dit_duca_rows, dit_peer_rows, dit_workload
+    from .models import load_classifier, load_dit
+
+    setup = dataclasses.replace(QUICK, guidance=1.5) if args.quick else DIT
+    samples = 4 if args.quick else 20
+    work = dit_workload(load_dit(), load_classifier(), setup, samples=samples)
+    peer_list = dit_peer_rows(work)
+    if args.quick:
+        peer_list = [p for p in peer_list if p.library == "diffusers"][:1]
+    described = (f"The trained digits DiT (`benchmarks/models.py`), DDIM {' and '.join(map(str, setup.steps))} "
+                 f"steps, guidance {setup.guidance}, {samples} samples per request (classes cycling, CFG batched); "
+                 "class acc.: the benchmark classifier on the samples.")
+    _front(args, "dit_front", "Fronts on the trained digits DiT: duca and the peers", described, setup, work,
+           dit_duca_rows(), peer_list, ("dit-xl-2:toca", "dit-xl-2:duca", "dit-xl-2:taylorseer", "dit-xl-2:clusca"))
 
 
 def _bar_plot(out, name: str) -> None:
@@ -506,6 +537,13 @@ def replot(args) -> None:
         if (args.out / f"{name}.json").exists():
             rows = [Row(**r) for r in json.loads((args.out / f"{name}.json").read_text())["rows"]]
             plot(rows, args.out / f"{name}.png")
+    for name in ("flow_front", "flow_front_quick", "dit_front", "dit_front_quick"):
+        if (args.out / f"{name}.json").exists():
+            rows = json.loads((args.out / f"{name}.json").read_text())["rows"]
+            for steps in sorted({r["steps"] for r in rows}):
+                plot_tradeoff([r for r in rows if r["steps"] == steps and r["flop_ratio"] < 0.999],
+                              args.out / f"{name}_{steps}.png",
+                              xlabel=f"wall-clock speed-up vs plain torch.compile, {steps} steps")
     for base in _BAR_PLOTS:
         for name in (base, base + "_quick"):
             if (args.out / f"{name}.json").exists():
@@ -550,7 +588,8 @@ def main(argv=None) -> None:
     for name, fn in (("fidelity", fidelity), ("speed", speed), ("flops", flops), ("subset_k", subset_k),
                      ("dispatch", dispatch), ("compile", compile_cost), ("adaptive", adaptive),
                      ("two-thresholds", two_thresholds), ("adaptive-cond", adaptive_cond),
-                     ("flow-fidelity", flow_fidelity), ("flow-front", flow_front)):
+                     ("flow-fidelity", flow_fidelity), ("flow-front", flow_front),
+                     ("dit-front", dit_front)):
         p = sub.add_parser(name, help=(fn.__doc__ or name).strip())
         p.add_argument("--quick", action="store_true", help="a few minutes on the CPU")
         p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])

@@ -33,7 +33,8 @@ from .flow_fidelity import _inputs
 from .metrics import psnr
 from .shapes import faithfulness
 
-__all__ = ["Setup", "QUICK", "STANDARD", "Row", "duca_rows", "peer_rows", "run"]
+__all__ = ["Setup", "QUICK", "STANDARD", "DIT", "Row", "Workload", "flow_workload", "dit_workload",
+           "flow_duca_rows", "flow_peer_rows", "dit_duca_rows", "dit_peer_rows", "run", "standing"]
 
 
 @dataclass(frozen=True)
@@ -46,7 +47,8 @@ class Setup:
 
 
 QUICK = Setup(steps=(6,), rounds=1, inner="eager")
-STANDARD = Setup()
+STANDARD = Setup(rounds=2)
+DIT = Setup(steps=(50,), guidance=1.5)     # the digits DiT as in the fidelity table: DDIM 50, guidance 1.5
 
 
 @dataclass
@@ -56,7 +58,7 @@ class Row:
     knob: str
     library: str
     psnr: float
-    faithful: float
+    score: float                # caption faithfulness (flow) or class accuracy (DiT)
     flop_ratio: float
     seconds: float              # median request wall-clock over the rounds
     speedup: float              # the plain row's median / this row's
@@ -64,10 +66,13 @@ class Row:
     notes: str = ""
 
 
+MAGCACHE_LEFT_OUT = ("diffusers MagCache: after its calibration and first request, the duca rows' compiled "
+                     "graphs in the same process stopped matching (Dynamo recompiled their forward piecewise), "
+                     "so it cannot share a round robin; its numbers on the DiT are in fidelity.md")
 THRESHOLD, WARMUP = 0.2, 3      # the adaptive rows, duca's and the peers', at one setting
 
 
-def duca_rows() -> list[tuple[str, str, object]]:
+def flow_duca_rows() -> list[tuple[str, str, object]]:
     return [
         ("FORA", "N=2", FORAConfig(interval=2)),
         ("FORA", "N=3", FORAConfig(interval=3)),
@@ -89,10 +94,10 @@ def duca_rows() -> list[tuple[str, str, object]]:
     ]
 
 
-def peer_rows(calibration: Callable) -> list[peer_lib.Peer]:
+def flow_peer_rows(work: "Workload") -> list[peer_lib.Peer]:
     """The adaptive peers at duca's adaptive setting (same decisions by construction, so the rows
-    compare execution), diffusers' TaylorSeerCache at duca's TaylorSeer N=4 schedule and MagCache,
-    calibrated on this model's sampler."""
+    compare execution) and diffusers' TaylorSeerCache at duca's TaylorSeer N=4 schedule. MagCache is
+    left out (``MAGCACHE_LEFT_OUT``)."""
     def dbcache(label, **calibrator):
         cfg = dict(Fn_compute_blocks=1, Bn_compute_blocks=0, residual_diff_threshold=THRESHOLD,
                    max_warmup_steps=WARMUP)
@@ -107,47 +112,110 @@ def peer_rows(calibration: Callable) -> list[peer_lib.Peer]:
                                  threshold=THRESHOLD),
         peer_lib.TaylorSeerCache("diffusers TaylorSeerCache", "diffusers", {"interval": 4, "warmup": 3, "order": 1},
                                  interval=4, warmup=3, order=1, targets=None),
-        peer_lib.MagCache("diffusers MagCache", "diffusers", {"threshold": THRESHOLD, "max_skip": 4},
-                          threshold=THRESHOLD, max_skip=4, retention=0.2, cfg=True, calibration=calibration),
     ]
 
 
+def dit_duca_rows() -> list[tuple[str, str, object]]:
+    dit = "dit-xl-2"
+    return [
+        ("FORA", "N=2", FORAConfig(interval=2)),
+        ("FORA", "N=3", FORAConfig(interval=3)),
+        ("FORA", "N=4", FORAConfig(interval=4)),
+        ("ToCa", "preset", presets(dit, "toca")),
+        ("DuCa", "preset", presets(dit, "duca")),
+        ("TaylorSeer", "preset", presets(dit, "taylorseer")),
+        ("TaylorSeer", "N=3 O=1 W=6", TaylorSeerConfig(interval=3, max_order=1, first_enhance=6)),
+        ("HiCache", "N=4 O=2 W=2", TaylorSeerConfig(interval=4, max_order=2, first_enhance=2, forecast="hermite")),
+        ("FoCa", "N=4 W=2", TaylorSeerConfig(interval=4, first_enhance=2, forecast="foca")),
+        ("FoCa", "N=3 W=6", TaylorSeerConfig(interval=3, first_enhance=6, forecast="foca")),
+        ("ClusCa", "preset", presets(dit, "clusca")),
+        ("adaptive", "F1B0 0.24 W=6", AdaptiveConfig(threshold=0.24, warmup=6)),
+        ("adaptive + TaylorSeer", "F1B0 0.12 W=6", AdaptiveConfig(threshold=0.12, warmup=6, forecast="taylorseer")),
+        ("adaptive + FoCa", "F1B0 0.12 W=6", AdaptiveConfig(threshold=0.12, warmup=6, forecast="foca")),
+    ]
+
+
+def dit_peer_rows(work: "Workload") -> list[peer_lib.Peer]:
+    """The fidelity table's peers (``peers.peers(50)``: the adaptive ones at the settings of duca's
+    adaptive rows above) and cache-dit with its FoCa calibrator at duca's adaptive + FoCa setting."""
+    foca = peer_lib.CacheDiT("cache-dit DBCache F1B0 + FoCa", "cache-dit", {"threshold": 0.12, "warmup": 6},
+                             config=dict(Fn_compute_blocks=1, Bn_compute_blocks=0, residual_diff_threshold=0.12,
+                                         max_warmup_steps=6), foca=True)
+    return [*(p for p in peer_lib.peers(50) if not isinstance(p, peer_lib.MagCache)), foca]
+
+
+@dataclass
+class Workload:
+    """What the rows share: the module each row copies, how a request draws images with a callable
+    of the module's signature (``draw(net, steps)``, and ``draw_small``, a small request for FLOP counts
+    and the quality score of a request's images (0..1)."""
+
+    name: str
+    module: torch.nn.Module
+    draw: Callable
+    draw_small: Callable
+    score: Callable
+    score_name: str
+
+
+def flow_workload(model: FlowModel, setup: Setup) -> Workload:
+    captions, noise, tokens = _inputs(setup.per_caption)
+
+    def draw(net, steps, n=None):
+        return sample_flow(model, noise[:n], tokens[:n], steps, setup.guidance, transformer=net)
+
+    return Workload("flow", model.transformer, draw, lambda net, steps: draw(net, steps, 4),
+                    lambda images: faithfulness(images, captions)["all"], "faithful")
+
+
+def dit_workload(model, classifier, setup: Setup, samples: int = 20) -> Workload:
+    from .metrics import accuracy
+    from .sampling import sample, starts
+
+    noise, labels = starts(samples)
+
+    def draw(net, steps, n=None):
+        return sample(lambda x, t, y: net(x, timestep=t, class_labels=y).sample, noise[:n], labels[:n], steps,
+                      setup.guidance)
+
+    return Workload("dit", model, draw, lambda net, steps: draw(net, steps, 4),
+                    lambda images: accuracy(classifier, images, labels), "class acc.")
+
+
 class _Entry:
-    """One row: ``request(steps, noise, tokens)`` draws images; ``flop_ratio(steps)`` of a request."""
+    """One row: ``request(steps)`` draws a request's images; ``flop_ratio(steps)`` of a request."""
 
-    def __init__(self, method, knob, library):
-        self.method, self.knob, self.library, self.notes = method, knob, library, ""
+    def __init__(self, work: Workload, method, knob, library):
+        self.work, self.method, self.knob, self.library, self.notes = work, method, knob, library, ""
 
-    def request(self, steps, noise, tokens): raise NotImplementedError
+    def request(self, steps): raise NotImplementedError
     def flop_ratio(self, steps): raise NotImplementedError
 
 
 class _Plain(_Entry):
-    def __init__(self, model: FlowModel, setup: Setup):
-        super().__init__("plain torch.compile", "-", "torch")
-        self.model, self.guidance = model, setup.guidance
-        net = copy.deepcopy(model.transformer)
+    def __init__(self, work: Workload, setup: Setup):
+        super().__init__(work, "plain torch.compile", "-", "torch")
+        net = copy.deepcopy(work.module)
         self.net = net if setup.inner == "eager" else torch.compile(net, dynamic=False)
 
-    def request(self, steps, noise, tokens):
-        return sample_flow(self.model, noise, tokens, steps, self.guidance, transformer=self.net)
+    def request(self, steps):
+        return self.work.draw(self.net, steps)
 
     def flop_ratio(self, steps):
         return 1.0
 
 
 class _Duca(_Entry):
-    def __init__(self, model: FlowModel, setup: Setup, method, knob, config):
-        super().__init__(method, knob, "duca")
-        self.model, self.guidance = model, setup.guidance
-        self.fast = torch.compile(copy.deepcopy(model.transformer), dynamic=False, fullgraph=True,
+    def __init__(self, work: Workload, setup: Setup, method, knob, config):
+        super().__init__(work, method, knob, "duca")
+        self.fast = torch.compile(copy.deepcopy(work.module), dynamic=False, fullgraph=True,
                                   backend=duca_compile.duca_backend(config, inner=setup.inner))
         self.last = (0, 0)
 
-    def request(self, steps, noise, tokens):
+    def request(self, steps):
         before = self._counts()
         with duca_compile.sampling(self.fast, num_steps=steps):
-            out = sample_flow(self.model, noise, tokens, steps, self.guidance, transformer=self.fast)
+            out = self.work.draw(self.fast, steps)
         after = self._counts()
         self.last = (after[0] - before[0], after[1] - before[1])
         if duca_compile.stats(self.fast, flops=False)["cache_hits"] == 0:
@@ -168,33 +236,32 @@ class _Duca(_Entry):
 
 
 class _Peer(_Entry):
-    def __init__(self, model: FlowModel, setup: Setup, peer: peer_lib.Peer):
-        super().__init__(peer.name, ", ".join(f"{k} {v}" for k, v in peer.settings.items()), peer.library)
-        self.model, self.guidance, self.peer = model, setup.guidance, peer
-        self.net = copy.deepcopy(model.transformer)
+    def __init__(self, work: Workload, setup: Setup, peer: peer_lib.Peer):
+        super().__init__(work, peer.name, ", ".join(f"{k} {v}" for k, v in peer.settings.items()
+                                                    if k not in ("cfg", "calibrated")), peer.library)
+        self.peer = peer
+        self.net = copy.deepcopy(work.module)
         self.compiled = self.net if setup.inner == "eager" else torch.compile(self.net, dynamic=False)
 
-    def _sample(self, net, steps, noise, tokens):
+    def _draw(self, net, steps, draw):
         self.peer.new_request(self.net, steps)
-        return sample_flow(self.model, noise, tokens, steps, self.guidance,
-                           transformer=lambda **kw: self.peer.call(net, **kw))
+        return draw(lambda *a, **kw: self.peer.call(net, *a, **kw), steps)
 
-    def request(self, steps, noise, tokens):
+    def request(self, steps):
         if self.compiled is not self.net:
             try:
-                return self._sample(self.compiled, steps, noise, tokens)
+                return self._draw(self.compiled, steps, self.work.draw)
             except Exception as e:  # noqa: BLE001 - recorded in the table
                 self.notes, self.compiled = f"compiled run failed ({type(e).__name__}); eager", self.net
-        return self._sample(self.net, steps, noise, tokens)
+        return self._draw(self.net, steps, self.work.draw)
 
     def flop_ratio(self, steps):
         from torch.utils.flop_counter import FlopCounterMode
 
-        noise, tokens = self._small
         with FlopCounterMode(display=False) as counted:
-            self._sample(self.net, steps, noise, tokens)
+            self._draw(self.net, steps, self.work.draw_small)
         with FlopCounterMode(display=False) as plain:
-            sample_flow(self.model, noise, tokens, steps, self.guidance)
+            self.work.draw_small(self.work.module, steps)
         return counted.get_total_flops() / plain.get_total_flops()
 
 
@@ -205,39 +272,29 @@ def _timed(fn) -> tuple[object, float]:
 
 
 @torch.no_grad()
-def run(setup: Setup, model: FlowModel, progress=lambda it, **kw: it, duca=None, peers=None) -> tuple[list, dict]:
-    """Rows per step count, and the peers that could not run (name -> why). ``duca`` / ``peers``:
-    the rows to run instead of ``duca_rows()`` / ``peer_rows(...)``."""
+def run(setup: Setup, work: Workload, duca: list, peers: list, progress=lambda it, **kw: it) -> tuple[list, dict]:
+    """Rows per step count, and the peers that could not run (name -> why)."""
     torch._dynamo.reset()
     torch._dynamo.config.recompile_limit = 64        # one cache entry per row's model copy
-    captions, noise, tokens = _inputs(setup.per_caption)
-    small = (noise[:4], tokens[:4])
-
-    def calibration(call, num_steps, cfg=True):      # MagCache's calibration request, on this sampler
-        return sample_flow(model, small[0], small[1], num_steps, setup.guidance, transformer=lambda **kw: call(**kw))
-
-    entries: list[_Entry] = [_Plain(model, setup)]
-    entries += [_Duca(model, setup, *r) for r in (duca if duca is not None else duca_rows())]
-    entries += [_Peer(model, setup, p) for p in (peers if peers is not None else peer_rows(calibration))]
-    for e in entries:
-        e._small = small
+    entries: list[_Entry] = [_Plain(work, setup)]
+    entries += [_Duca(work, setup, *r) for r in duca]
+    entries += [_Peer(work, setup, p) for p in peers]
     unavailable, rows = {}, []
     for steps in setup.steps:
         warm = {}
         for e in progress(list(entries), desc=f"{steps} steps: first requests"):
             try:
-                warm[e], e.warm_s = _timed(lambda: e.request(steps, noise, tokens))
+                warm[e], e.warm_s = _timed(lambda: e.request(steps))
             except Exception as err:  # noqa: BLE001 - a peer that cannot run on this model is reported
                 if e.library in ("duca", "torch"):
                     raise
                 unavailable[e.method] = f"{type(err).__name__}: {str(err).splitlines()[0][:160]}"
         live = [e for e in entries if e in warm]
         times: dict = {e: [] for e in live}
-        images: dict = {}
-        flops: dict = {}
+        images, flops = {}, {}
         for r in progress(range(setup.rounds), desc=f"{steps} steps: rounds"):
             for e in live:
-                out, seconds = _timed(lambda: e.request(steps, noise, tokens))
+                out, seconds = _timed(lambda: e.request(steps))
                 times[e].append(seconds)
                 if r == 0:
                     images[e] = out
@@ -250,8 +307,7 @@ def run(setup: Setup, model: FlowModel, progress=lambda it, **kw: it, duca=None,
         base = statistics.median(times[plain])
         for e in live:
             med = statistics.median(times[e])
-            f = faithfulness(images[e], captions)
-            rows.append(Row(steps, e.method, e.knob, e.library, psnr(images[e], images[plain]), f["all"],
+            rows.append(Row(steps, e.method, e.knob, e.library, psnr(images[e], images[plain]), work.score(images[e]),
                             flops[e], med, base / med, e.warm_s, e.notes))
     return rows, unavailable
 

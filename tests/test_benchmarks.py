@@ -264,18 +264,19 @@ def test_flow_fidelity_rows_report_quality_and_flops_of_duca_on_the_flow_model()
     assert rows[1].flop_ratio < 1 and 0 < rows[1].psnr < float("inf") and not rows[1].notes
 
 
-def test_flow_front_times_duca_and_a_peer_round_robin_and_places_the_peer(tmp_path):
+def test_flow_front_times_duca_and_a_peer_round_robin_and_places_the_peer():
     """The flow-front path on an untrained flow model, eagerly (no quality claim): duca's FORA and
     diffusers' FirstBlockCache at a threshold that caches every step after the first, next to the
     plain row; each row timed over the rounds, both caching, the peer placed by ``standing``."""
     pytest.importorskip("diffusers")
     from benchmarks import peers as peer_lib
     from benchmarks.flow import make_flow
-    from benchmarks.flow_front import Setup, run, standing
+    from benchmarks.flow_front import Setup, flow_workload, run, standing
 
     torch.manual_seed(0)
+    setup = Setup(steps=(4,), rounds=2, inner="eager")
     fbc = peer_lib.FirstBlockCache("diffusers FirstBlockCache", "diffusers", {"threshold": 1e9}, threshold=1e9)
-    rows, unavailable = run(Setup(steps=(4,), rounds=2, inner="eager"), make_flow().eval(),
+    rows, unavailable = run(setup, flow_workload(make_flow().eval(), setup),
                             duca=[("FORA", "N=2", duca_compile.FORAConfig(interval=2))], peers=[fbc])
     assert [r.library for r in rows] == ["torch", "duca", "diffusers"] and not unavailable
     plain, fora, peer = rows
@@ -284,3 +285,22 @@ def test_flow_front_times_duca_and_a_peer_round_robin_and_places_the_peer(tmp_pa
     assert peer.flop_ratio < 0.9 and peer.psnr < 100
     (line,) = standing(rows)
     assert line.startswith("- 4 steps, diffusers FirstBlockCache") and any(w in line for w in ("above", "equal", "below"))
+
+
+def test_dit_front_runs_the_same_rows_on_the_digits_dit_with_a_peer_that_cannot_run_reported():
+    """The DiT workload through the same path (untrained DiT, eager): FORA against diffusers'
+    FirstBlockCache, and a peer that fails on this model is listed, not fatal."""
+    pytest.importorskip("diffusers")
+    from benchmarks import peers as peer_lib
+    from benchmarks.flow_front import Setup, dit_workload, run
+    from benchmarks.models import Classifier, make_dit
+
+    torch.manual_seed(0)
+    setup = Setup(steps=(4,), rounds=1, inner="eager", guidance=1.5)
+    fbc = peer_lib.FirstBlockCache("diffusers FirstBlockCache", "diffusers", {"threshold": 1e9}, threshold=1e9)
+    broken = peer_lib.CacheDiT("cache-dit F9B9", "cache-dit", {}, config=dict(Fn_compute_blocks=9, Bn_compute_blocks=9))
+    rows, unavailable = run(setup, dit_workload(make_dit().eval(), Classifier().eval(), setup, samples=4),
+                            duca=[("FORA", "N=2", duca_compile.FORAConfig(interval=2))], peers=[fbc, broken])
+    assert [r.library for r in rows] == ["torch", "duca", "diffusers"]
+    assert list(unavailable) == ["cache-dit F9B9"] and "leaves none" in unavailable["cache-dit F9B9"]
+    assert all(0.0 <= r.score <= 1.0 for r in rows) and rows[1].flop_ratio < 0.7
