@@ -147,7 +147,7 @@ def dit_peer_rows(work: "Workload") -> list[peer_lib.Peer]:
 @dataclass
 class Workload:
     """What the rows share: the module each row copies, how a request draws images with a callable
-    of the module's signature (``draw(net, steps)``, and ``draw_small``, a small request for FLOP counts
+    of the module's signature (``draw(net, steps)``; ``draw_small``: a small request, for FLOP counts)
     and the quality score of a request's images (0..1)."""
 
     name: str
