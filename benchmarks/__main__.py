@@ -457,7 +457,7 @@ def _front(args, name: str, title: str, described: str, setup, work, duca, peer_
     from .flow_front import MAGCACHE_LEFT_OUT
 
     rows, unavailable = run(setup, work, duca, peer_list, progress=_progress())
-    unavailable["diffusers MagCache"] = MAGCACHE_LEFT_OUT.split(": ", 1)[1]
+    unavailable["diffusers MagCache"] = MAGCACHE_LEFT_OUT
     name += _suffix(args.quick)
     text = (f"{described} Inner compiler {setup.inner}; peers compiled by plain torch.compile (graph breaks "
             f"and all). Round robin: every row's first request, then {setup.rounds} rounds of one request per "
@@ -488,7 +488,7 @@ def flow_front(args) -> None:
                  f"{96 * setup.per_caption} per step); faithful: colour, shape and quadrant as captioned (exact "
                  "checks).")
     _front(args, "flow_front", "Fronts on the trained flow model: duca and the peers", described, setup, work,
-           flow_duca_rows(), flow_peer_rows(work),
+           flow_duca_rows(), flow_peer_rows(),
            ("flux-dev:toca", "flux-dev:duca", "flux-dev:taylorseer", "flux-dev:hicache", "flux-dev:foca",
             "flux-dev:clusca"))
 
@@ -501,7 +501,7 @@ def dit_front(args) -> None:
     setup = dataclasses.replace(QUICK, guidance=1.5) if args.quick else DIT
     samples = 4 if args.quick else 20
     work = dit_workload(load_dit(), load_classifier(), setup, samples=samples)
-    peer_list = dit_peer_rows(work)
+    peer_list = dit_peer_rows()
     if args.quick:
         peer_list = [p for p in peer_list if p.library == "diffusers"][:1]
     described = (f"The trained digits DiT (`benchmarks/models.py`), DDIM {' and '.join(map(str, setup.steps))} "

@@ -66,7 +66,7 @@ class Row:
     notes: str = ""
 
 
-MAGCACHE_LEFT_OUT = ("diffusers MagCache: after its calibration and first request, the duca rows' compiled "
+MAGCACHE_LEFT_OUT = ("after its calibration and first request, the duca rows' compiled "
                      "graphs in the same process stopped matching (Dynamo recompiled their forward piecewise), "
                      "so it cannot share a round robin; its numbers on the DiT are in fidelity.md")
 THRESHOLD, WARMUP = 0.2, 3      # the adaptive rows, duca's and the peers', at one setting
@@ -94,10 +94,10 @@ def flow_duca_rows() -> list[tuple[str, str, object]]:
     ]
 
 
-def flow_peer_rows(work: "Workload") -> list[peer_lib.Peer]:
+def flow_peer_rows() -> list[peer_lib.Peer]:
     """The adaptive peers at duca's adaptive setting (same decisions by construction, so the rows
     compare execution) and diffusers' TaylorSeerCache at duca's TaylorSeer N=4 schedule. MagCache is
-    left out (``MAGCACHE_LEFT_OUT``)."""
+    left out (``MAGCACHE_LEFT_OUT`` says why)."""
     def dbcache(label, **calibrator):
         cfg = dict(Fn_compute_blocks=1, Bn_compute_blocks=0, residual_diff_threshold=THRESHOLD,
                    max_warmup_steps=WARMUP)
@@ -135,7 +135,7 @@ def dit_duca_rows() -> list[tuple[str, str, object]]:
     ]
 
 
-def dit_peer_rows(work: "Workload") -> list[peer_lib.Peer]:
+def dit_peer_rows() -> list[peer_lib.Peer]:
     """The fidelity table's peers (``peers.peers(50)``: the adaptive ones at the settings of duca's
     adaptive rows above) and cache-dit with its FoCa calibrator at duca's adaptive + FoCa setting."""
     foca = peer_lib.CacheDiT("cache-dit DBCache F1B0 + FoCa", "cache-dit", {"threshold": 0.12, "warmup": 6},
