@@ -452,19 +452,20 @@ def _front_columns(score_name: str) -> dict:
 
 
 def _front(args, name: str, title: str, described: str, setup, work, duca, peer_list, presets_used) -> None:
-    from .flow_front import run, standing
-
-    from .flow_front import MAGCACHE_LEFT_OUT
+    from .flow_front import best_at, run, standing
 
     rows, unavailable = run(setup, work, duca, peer_list, progress=_progress())
-    unavailable["diffusers MagCache"] = MAGCACHE_LEFT_OUT
     name += _suffix(args.quick)
     text = (f"{described} Inner compiler {setup.inner}; peers compiled by plain torch.compile (graph breaks "
-            f"and all). Round robin: every row's first request, then {setup.rounds} rounds of one request per "
-            "row in turn; request s is the median over the rounds, speed-up the plain torch.compile row's over "
-            "it. PSNR against the plain row's samples (same noise).\n\n"
+            f"and all). Every row in a process of its own: {'yes' if setup.processes else 'no'}. Round robin: "
+            f"every row's first request, then {setup.rounds} rounds of one request per row in turn; request s is "
+            "the median over the rounds, speed-up the plain torch.compile row's over it. First request s: "
+            "Dynamo, Inductor (its on-disk cache as earlier runs left it; cold compiles are in compile.md) and "
+            "the first request. PSNR against the plain row's samples (same noise).\n\n"
             + markdown_table(rows, _front_columns(work.score_name))
-            + "\n\nWhere duca stands against each peer (same run):\n\n" + "\n".join(standing(rows)) + "\n")
+            + "\n\nWhere duca stands against each peer (same run):\n\n" + "\n".join(standing(rows))
+            + "\n\nThe highest PSNR at least this fast (score: " + work.score_name + "):\n\n"
+            + "\n".join(best_at(rows)) + "\n")
     if unavailable:
         text += "\nPeers that could not run on this model:\n\n" + "\n".join(
             f"- {k}: {v}" for k, v in unavailable.items()) + "\n"
@@ -481,14 +482,15 @@ def flow_front(args) -> None:
     from .flow_front import QUICK, STANDARD, flow_duca_rows, flow_peer_rows, flow_workload
 
     setup = QUICK if args.quick else STANDARD
-    work = flow_workload(load_flow(), setup)
+    model = load_flow()
+    work = flow_workload(model, setup)
     described = (f"The trained FLUX-like flow model (`benchmarks/flow.py`), FlowMatchEulerDiscreteScheduler at "
                  f"{' and '.join(map(str, setup.steps))} steps, guidance {setup.guidance}, the 48 captions "
                  f"{setup.per_caption}x per request from fixed noise (CFG batched: one call of "
                  f"{96 * setup.per_caption} per step); faithful: colour, shape and quadrant as captioned (exact "
                  "checks).")
     _front(args, "flow_front", "Fronts on the trained flow model: duca and the peers", described, setup, work,
-           flow_duca_rows(), flow_peer_rows(),
+           flow_duca_rows(), flow_peer_rows(model, setup.guidance),
            ("flux-dev:toca", "flux-dev:duca", "flux-dev:taylorseer", "flux-dev:hicache", "flux-dev:foca",
             "flux-dev:clusca"))
 

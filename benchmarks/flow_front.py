@@ -7,7 +7,11 @@ peers' rows with their hooks applied and compiled by plain ``torch.compile`` as 
 (graph breaks and all; a peer that fails compiled runs eagerly and says so), and one plain
 ``torch.compile`` row, the uncached reference. Timing is round robin: every row's first request
 (compile and warm-up, reported apart) runs, then ``rounds`` rounds each run one request of every row
-in turn, so drift in the machine's speed lands on all rows alike. A row's wall-clock is the median
+in turn, so drift in the machine's speed lands on all rows alike. With ``Setup.processes`` every row
+lives in a process of its own and the parent starts the requests in turn: peers' hooks recompile
+their frames every step, and in one process their cache entries on the model's forward code pushed
+duca's rows past Dynamo's recompile limit (their forward then ran piecewise), and every compiled
+row's guard checks walked the others' entries. A row's wall-clock is the median
 of its rounds; its speed-up, the plain row's median over it. Quality comes from the first round:
 PSNR against the plain row's samples (same noise) and caption faithfulness (exact checks). FLOPs:
 duca's own count for the round's request; a peer's, ``FlopCounterMode`` over a small eager request
@@ -17,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import statistics
 import time
 from dataclasses import dataclass
@@ -34,7 +39,7 @@ from .metrics import psnr
 from .shapes import faithfulness
 
 __all__ = ["Setup", "QUICK", "STANDARD", "DIT", "Row", "Workload", "flow_workload", "dit_workload",
-           "flow_duca_rows", "flow_peer_rows", "dit_duca_rows", "dit_peer_rows", "run", "standing"]
+           "flow_duca_rows", "flow_peer_rows", "dit_duca_rows", "dit_peer_rows", "run", "standing", "best_at"]
 
 
 @dataclass(frozen=True)
@@ -44,11 +49,13 @@ class Setup:
     per_caption: int = 1        # samples per caption per request (48 captions)
     rounds: int = 3
     inner: str = "inductor"     # "eager": no compile anywhere (the quick check of the code path)
+    processes: bool = False     # every row in a process of its own (see the module's docstring)
 
 
 QUICK = Setup(steps=(6,), rounds=1, inner="eager")
-STANDARD = Setup(rounds=2)
-DIT = Setup(steps=(50,), guidance=1.5)     # the digits DiT as in the fidelity table: DDIM 50, guidance 1.5
+STANDARD = Setup(rounds=5, processes=True)
+# the digits DiT as in the fidelity table: DDIM 50, guidance 1.5
+DIT = Setup(steps=(50,), guidance=1.5, rounds=5, processes=True)
 
 
 @dataclass
@@ -66,9 +73,6 @@ class Row:
     notes: str = ""
 
 
-MAGCACHE_LEFT_OUT = ("after its calibration and first request, the duca rows' compiled "
-                     "graphs in the same process stopped matching (Dynamo recompiled their forward piecewise), "
-                     "so it cannot share a round robin; its numbers on the DiT are in fidelity.md")
 THRESHOLD, WARMUP = 0.2, 3      # the adaptive rows, duca's and the peers', at one setting
 
 
@@ -80,6 +84,7 @@ def flow_duca_rows() -> list[tuple[str, str, object]]:
         ("ToCa", "preset flux-dev", presets("flux-dev", "toca")),
         ("DuCa", "preset flux-dev", presets("flux-dev", "duca")),
         ("TaylorSeer", "N=4 O=1 W=3", TaylorSeerConfig(interval=4, max_order=1, first_enhance=3)),
+        ("TaylorSeer", "N=3 O=1 W=6", TaylorSeerConfig(interval=3, max_order=1, first_enhance=6)),
         ("TaylorSeer", "preset flux-dev", presets("flux-dev", "taylorseer")),
         ("HiCache", "preset flux-dev", presets("flux-dev", "hicache")),
         ("FoCa", "N=3 W=3", TaylorSeerConfig(interval=3, first_enhance=3, forecast="foca")),
@@ -94,10 +99,10 @@ def flow_duca_rows() -> list[tuple[str, str, object]]:
     ]
 
 
-def flow_peer_rows() -> list[peer_lib.Peer]:
+def flow_peer_rows(model: FlowModel, guidance: float) -> list[peer_lib.Peer]:
     """The adaptive peers at duca's adaptive setting (same decisions by construction, so the rows
-    compare execution) and diffusers' TaylorSeerCache at duca's TaylorSeer N=4 schedule. MagCache is
-    left out (``MAGCACHE_LEFT_OUT`` says why)."""
+    compare execution), diffusers' TaylorSeerCache at duca's TaylorSeer N=4 schedule, and
+    MagCache at the digits DiT's setting, calibrated on a request of other noise (``_calibration``)."""
     def dbcache(label, **calibrator):
         cfg = dict(Fn_compute_blocks=1, Bn_compute_blocks=0, residual_diff_threshold=THRESHOLD,
                    max_warmup_steps=WARMUP)
@@ -112,7 +117,17 @@ def flow_peer_rows() -> list[peer_lib.Peer]:
                                  threshold=THRESHOLD),
         peer_lib.TaylorSeerCache("diffusers TaylorSeerCache", "diffusers", {"interval": 4, "warmup": 3, "order": 1},
                                  interval=4, warmup=3, order=1, targets=None),
+        peer_lib.MagCache("diffusers MagCache", "diffusers", {"threshold": 0.12, "max_skip": 4, "retention": 0.2},
+                          threshold=0.12, max_skip=4, retention=0.2,
+                          calibration=functools.partial(_calibration, model, guidance)),
     ]
+
+
+def _calibration(model: FlowModel, guidance: float, call, num_steps: int, cfg: bool = True) -> torch.Tensor:
+    """MagCache's calibration request on the flow model: the 48 captions from noise the fronts do
+    not use (seed 7), through ``call`` in place of the transformer."""
+    captions, noise, tokens = _inputs(1, seed=7)
+    return sample_flow(model, noise, tokens, num_steps, guidance if cfg else 1.0, transformer=call)
 
 
 def dit_duca_rows() -> list[tuple[str, str, object]]:
@@ -137,11 +152,12 @@ def dit_duca_rows() -> list[tuple[str, str, object]]:
 
 def dit_peer_rows() -> list[peer_lib.Peer]:
     """The fidelity table's peers (``peers.peers(50)``: the adaptive ones at the settings of duca's
-    adaptive rows above) and cache-dit with its FoCa calibrator at duca's adaptive + FoCa setting."""
+    adaptive rows above, MagCache calibrated on its default DDIM request) and cache-dit with its
+    FoCa calibrator at duca's adaptive + FoCa setting."""
     foca = peer_lib.CacheDiT("cache-dit DBCache F1B0 + FoCa", "cache-dit", {"threshold": 0.12, "warmup": 6},
                              config=dict(Fn_compute_blocks=1, Bn_compute_blocks=0, residual_diff_threshold=0.12,
                                          max_warmup_steps=6), foca=True)
-    return [*(p for p in peer_lib.peers(50) if not isinstance(p, peer_lib.MagCache)), foca]
+    return [*peer_lib.peers(50), foca]
 
 
 @dataclass
@@ -156,6 +172,7 @@ class Workload:
     draw_small: Callable
     score: Callable
     score_name: str
+    recipe: tuple = ()          # (builder, args): how a row's process builds the same workload
 
 
 def flow_workload(model: FlowModel, setup: Setup) -> Workload:
@@ -165,7 +182,7 @@ def flow_workload(model: FlowModel, setup: Setup) -> Workload:
         return sample_flow(model, noise[:n], tokens[:n], steps, setup.guidance, transformer=net)
 
     return Workload("flow", model.transformer, draw, lambda net, steps: draw(net, steps, 4),
-                    lambda images: faithfulness(images, captions)["all"], "faithful")
+                    lambda images: faithfulness(images, captions)["all"], "faithful", (flow_workload, (model, setup)))
 
 
 def dit_workload(model, classifier, setup: Setup, samples: int = 20) -> Workload:
@@ -179,7 +196,8 @@ def dit_workload(model, classifier, setup: Setup, samples: int = 20) -> Workload
                       setup.guidance)
 
     return Workload("dit", model, draw, lambda net, steps: draw(net, steps, 4),
-                    lambda images: accuracy(classifier, images, labels), "class acc.")
+                    lambda images: accuracy(classifier, images, labels), "class acc.",
+                    (dit_workload, (model, classifier, setup, samples)))
 
 
 class _Entry:
@@ -190,6 +208,15 @@ class _Entry:
 
     def request(self, steps): raise NotImplementedError
     def flop_ratio(self, steps): raise NotImplementedError
+
+    def timed(self, steps: int) -> tuple[torch.Tensor, float]:
+        """A request's images and its wall-clock seconds."""
+        start = time.perf_counter()
+        out = self.request(steps)
+        return out, time.perf_counter() - start
+
+    def close(self) -> None:
+        pass
 
 
 class _Plain(_Entry):
@@ -265,36 +292,115 @@ class _Peer(_Entry):
         return counted.get_total_flops() / plain.get_total_flops()
 
 
-def _timed(fn) -> tuple[object, float]:
-    start = time.perf_counter()
-    out = fn()
-    return out, time.perf_counter() - start
+def _entry(work: Workload, setup: Setup, spec: tuple) -> _Entry:
+    """A row from its spec: ("plain",), ("duca", method, knob, config) or ("peer", peer)."""
+    kind, *rest = spec
+    return {"plain": _Plain, "duca": _Duca, "peer": _Peer}[kind](work, setup, *rest)
+
+
+def _why(err: Exception) -> str:
+    return str(err) if isinstance(err, _RowFailed) else f"{type(err).__name__}: {str(err).splitlines()[0][:160]}"
+
+
+class _RowFailed(RuntimeError):
+    """A row's process reported an error (its text: ``_why`` of the error there)."""
+
+
+def _serve(conn, recipe: tuple, setup: Setup, spec: tuple) -> None:
+    """A row's process: builds the workload and the row, then answers the parent's requests."""
+    import warnings
+
+    warnings.simplefilter("ignore")
+    torch.set_grad_enabled(False)
+    builder, args = recipe
+    entry = _entry(builder(*args), setup, spec)
+    conn.send(("ok", (entry.method, entry.knob, entry.library)))
+    while True:
+        what, *args = conn.recv()
+        if what == "close":
+            return
+        try:
+            if what == "timed":
+                out, seconds = entry.timed(*args)
+                answer = (out, seconds, entry.notes)
+            else:
+                answer = entry.flop_ratio(*args)
+            conn.send(("ok", answer))
+        except Exception as err:  # noqa: BLE001 - the parent decides: a peer's is reported, duca's raised
+            conn.send(("error", _why(err)))
+
+
+class _Remote(_Entry):
+    """A row served by a process of its own (``_serve``); the parent only starts its requests."""
+
+    def __init__(self, work: Workload, setup: Setup, spec: tuple, context):
+        self.conn, child = context.Pipe()
+        self.process = context.Process(target=_serve, args=(child, work.recipe, setup, spec), daemon=True)
+        self.process.start()
+        self.method, self.knob, self.library = self._ask()
+        self.work, self.notes = work, ""
+
+    def _ask(self, *message):
+        if message:
+            self.conn.send(message)
+        status, value = self.conn.recv()
+        if status == "error":
+            raise _RowFailed(value)
+        return value
+
+    def timed(self, steps):
+        out, seconds, self.notes = self._ask("timed", steps)
+        return out, seconds
+
+    def flop_ratio(self, steps):
+        return self._ask("flops", steps)
+
+    def close(self):
+        if self.process.is_alive():
+            self.conn.send(("close",))
+            self.process.join(timeout=30)
+        if self.process.is_alive():
+            self.process.terminate()
 
 
 @torch.no_grad()
 def run(setup: Setup, work: Workload, duca: list, peers: list, progress=lambda it, **kw: it) -> tuple[list, dict]:
     """Rows per step count, and the peers that could not run (name -> why)."""
     torch._dynamo.reset()
-    torch._dynamo.config.recompile_limit = 64        # one cache entry per row's model copy
-    entries: list[_Entry] = [_Plain(work, setup)]
-    entries += [_Duca(work, setup, *r) for r in duca]
-    entries += [_Peer(work, setup, p) for p in peers]
+    torch._dynamo.config.recompile_limit = 64        # in one process: one cache entry per row's model copy
+    specs = [("plain",)] + [("duca", *r) for r in duca] + [("peer", p) for p in peers]
+    context = None
+    if setup.processes:
+        import multiprocessing
+
+        context = multiprocessing.get_context("spawn")
+    entries: list[_Entry] = []
+    try:
+        for spec in progress(specs, desc="rows"):
+            entries.append(_Remote(work, setup, spec, context) if context else _entry(work, setup, spec))
+        return _rounds(setup, work, entries, progress)
+    finally:
+        for e in entries:
+            e.close()
+
+
+def _rounds(setup: Setup, work: Workload, entries: list, progress) -> tuple[list, dict]:
     unavailable, rows = {}, []
     for steps in setup.steps:
         warm = {}
         for e in progress(list(entries), desc=f"{steps} steps: first requests"):
             try:
-                warm[e], e.warm_s = _timed(lambda: e.request(steps))
+                warm[e], e.warm_s = e.timed(steps)
             except Exception as err:  # noqa: BLE001 - a peer that cannot run on this model is reported
                 if e.library in ("duca", "torch"):
                     raise
-                unavailable[e.method] = f"{type(err).__name__}: {str(err).splitlines()[0][:160]}"
+                unavailable[e.method] = _why(err)
         live = [e for e in entries if e in warm]
         times: dict = {e: [] for e in live}
         images, flops = {}, {}
         for r in progress(range(setup.rounds), desc=f"{steps} steps: rounds"):
             for e in live:
-                out, seconds = _timed(lambda: e.request(steps))
+                out, seconds = e.timed(steps)
                 times[e].append(seconds)
                 if r == 0:
                     images[e] = out
@@ -338,4 +444,20 @@ def standing(rows: list[Row]) -> list[str]:
         lines.append(f"{head}: **{word}** — {len(better)} duca rows as fast or faster with a PSNR as high or "
                      f"higher; {'best' if word != 'below' else 'nearest'} {best.method} {best.knob}: "
                      f"{best.psnr:.2f} dB at {best.speedup:.2f}x")
+    return lines
+
+
+def best_at(rows: list[Row], targets=(1.5, 2.0, 2.5, 3.0, 3.5)) -> list[str]:
+    """Per step count and speed-up target: the caching row (any library) at least that fast with
+    the highest PSNR, or none. What the README's "Which method" table is read from."""
+    lines = []
+    for steps in sorted({r.steps for r in rows}):
+        for target in targets:
+            fast = [r for r in rows if r.steps == steps and r.flop_ratio < 0.999 and r.speedup >= target]
+            if not fast:
+                lines.append(f"- {steps} steps, {target:.1f}x or more: no row")
+                continue
+            r = max(fast, key=lambda r: (r.psnr, r.speedup))
+            lines.append(f"- {steps} steps, {target:.1f}x or more: {r.method} {r.knob} ({r.library}), {r.psnr:.2f} dB, "
+                         f"{r.score:.1%} score, at {r.speedup:.2f}x")
     return lines

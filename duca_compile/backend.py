@@ -1,6 +1,6 @@
 """The ``duca`` torch.compile backend: find sites -> build variants -> compile each -> runner.
 
-    compiled = torch.compile(model, backend=duca_backend, dynamic=False)                  # DuCa defaults
+    compiled = torch.compile(model, backend=duca_backend, dynamic=False)                  # the default: DEFAULT_CONFIG
     compiled = torch.compile(model, backend=duca_backend(FORAConfig(interval=3)), dynamic=False)
     compiled = torch.compile(model, backend="duca", options={"config": DuCaConfig()}, dynamic=False)
 
@@ -25,7 +25,7 @@ from .passes.specialize_shapes import is_dynamic, specialize_shapes
 from .adaptive import AdaptiveRunner
 from .adaptive_blocks import AdaptiveBlockRunner
 from .passes.split_head import block_streams, split_head
-from .policies import AdaptiveConfig, CacheConfig, DuCaConfig, Mode, make_policy
+from .policies import DEFAULT_CONFIG, AdaptiveConfig, CacheConfig, Mode, make_policy
 from .policies.base import MIN_SUBSET
 from .regional import BlockLookup, BlockRunner, block_graph_key
 from .runner import GraphRunner
@@ -45,7 +45,7 @@ class DuCaBackend:
                  options: dict | None = None, on_state=None):
         if config is not None and not isinstance(config, CacheConfig):
             raise ValueError(f"config must be a CacheConfig such as DuCaConfig(...), got {type(config).__name__}")
-        self.config = config if config is not None else DuCaConfig()
+        self.config = config if config is not None else DEFAULT_CONFIG
         self.inner, self.mode, self.options = inner, mode, dict(options or {})
         self.on_state = on_state
         self.settings()                        # validates inner, mode and options now

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import duca_compile
-from duca_compile import DuCaConfig, FORAConfig, ScriptedConfig, duca_backend
+from duca_compile import DuCaConfig, FORAConfig, ScriptedConfig, TaylorSeerConfig, duca_backend
 from duca_compile.runtime import state_of
 from duca_compile.models import make_inputs, make_model
 
@@ -184,11 +184,11 @@ def test_string_backend_with_options_and_entry_point():
     assert s["config"] == FORAConfig(interval=2) and s["steps"]["reuse"] == 1
 
 
-def test_bare_backend_uses_duca_defaults():
+def test_bare_backend_uses_the_default_config():
     model = make_model("dit")
     fast = torch.compile(model, backend=lambda gm, ex: duca_backend(gm, ex, options={"inner": "eager"}))
     fast(**make_inputs("dit", model))
-    assert duca_compile.stats(fast)["config"] == DuCaConfig()
+    assert duca_compile.stats(fast)["config"] == TaylorSeerConfig(interval=3, max_order=1, first_enhance=6)
 
 
 def test_two_compiled_models_never_share_caches():

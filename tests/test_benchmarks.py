@@ -1,5 +1,6 @@
 """Smoke test of the benchmark CLI's ``--quick`` paths (nothing about speed is asserted), and the
 trained checkpoint's promise: its uncached samples are the digits they were asked for."""
+import functools
 import json
 
 import pytest
@@ -264,27 +265,32 @@ def test_flow_fidelity_rows_report_quality_and_flops_of_duca_on_the_flow_model()
     assert rows[1].flop_ratio < 1 and 0 < rows[1].psnr < float("inf") and not rows[1].notes
 
 
-def test_flow_front_times_duca_and_a_peer_round_robin_and_places_the_peer():
-    """The flow-front path on an untrained flow model, eagerly (no quality claim): duca's FORA and
-    diffusers' FirstBlockCache at a threshold that caches every step after the first, next to the
-    plain row; each row timed over the rounds, both caching, the peer placed by ``standing``."""
+def test_flow_front_times_duca_and_peers_round_robin_and_places_them():
+    """The flow-front path on an untrained flow model, eagerly (no quality claim): duca's FORA,
+    diffusers' FirstBlockCache at a threshold that caches every step after the first and MagCache
+    calibrated on the flow model, next to the plain row, each row in a process of its own (as the
+    full run); each row timed over the rounds, all caching, each peer placed by ``standing``."""
     pytest.importorskip("diffusers")
     from benchmarks import peers as peer_lib
     from benchmarks.flow import make_flow
-    from benchmarks.flow_front import Setup, flow_workload, run, standing
+    from benchmarks.flow_front import Setup, _calibration, flow_workload, run, standing
 
     torch.manual_seed(0)
-    setup = Setup(steps=(4,), rounds=2, inner="eager")
+    setup = Setup(steps=(4,), rounds=2, inner="eager", processes=True)
+    model = make_flow().eval()
     fbc = peer_lib.FirstBlockCache("diffusers FirstBlockCache", "diffusers", {"threshold": 1e9}, threshold=1e9)
-    rows, unavailable = run(setup, flow_workload(make_flow().eval(), setup),
-                            duca=[("FORA", "N=2", duca_compile.FORAConfig(interval=2))], peers=[fbc])
-    assert [r.library for r in rows] == ["torch", "duca", "diffusers"] and not unavailable
-    plain, fora, peer = rows
+    mag = peer_lib.MagCache("diffusers MagCache", "diffusers", {}, threshold=1e9, max_skip=2, retention=0.0,
+                            calibration=functools.partial(_calibration, model, setup.guidance))
+    rows, unavailable = run(setup, flow_workload(model, setup),
+                            duca=[("FORA", "N=2", duca_compile.FORAConfig(interval=2))], peers=[fbc, mag])
+    assert [r.library for r in rows] == ["torch", "duca", "diffusers", "diffusers"] and not unavailable
+    plain, fora, *peers = rows
     assert plain.flop_ratio == 1.0 and plain.speedup == 1.0 and plain.psnr == 100.0
     assert 0.4 < fora.flop_ratio < 0.7 and fora.psnr < 100 and fora.seconds > 0 and fora.warmup_seconds > 0
-    assert peer.flop_ratio < 0.9 and peer.psnr < 100
-    (line,) = standing(rows)
-    assert line.startswith("- 4 steps, diffusers FirstBlockCache") and any(w in line for w in ("above", "equal", "below"))
+    assert all(p.flop_ratio < 0.9 and p.psnr < 100 for p in peers)
+    lines = standing(rows)
+    assert [line.split(",")[1].split(" (")[0].strip() for line in lines] == [p.method for p in peers]
+    assert all(any(w in line for w in ("above", "equal", "below")) for line in lines)
 
 
 def test_dit_front_runs_the_same_rows_on_the_digits_dit_with_a_peer_that_cannot_run_reported():

@@ -5,12 +5,13 @@ Every pipeline runs end to end (eager inner compiler); the step comes from the s
 from the timestep, and separate cond / uncond calls get their cache slot from cache_context.
 """
 import contextlib
+from pathlib import Path
 
 import pytest
 import torch
 
 import duca_compile
-from duca_compile import DuCaConfig, FORAConfig, duca_backend
+from duca_compile import DuCaConfig, FORAConfig, TaylorSeerConfig, duca_backend
 from duca_compile.integrations.diffusers import disable, enable
 from duca_compile.runtime import state_of, states_of
 from duca_compile.models import PIPELINE_FAMILIES, make_pipeline, needs_transformers, pipeline_call_kwargs
@@ -245,6 +246,18 @@ def test_presets_by_name_get_num_steps_from_the_scheduler():
     assert s["calls"] == 6 and s["steps"]["full"] < 6 and state_of(pipe.transformer).num_steps == 6
     with pytest.raises(ValueError, match="no preset model is known for SD3Transformer2DModel"):
         enable(_pipe("sd3"), "fora")
+
+
+def test_enable_without_a_config_runs_the_default_the_readme_gives():
+    """``enable(pipe)`` alone: TaylorSeer N=3, order 1, 6 full steps first (chosen from the fronts,
+    README "Which method"); it caches, and the README names that config as the default."""
+    pipe = enable(_pipe("dit"), inner="eager")
+    _run("dit", pipe, steps=12)
+    s = duca_compile.stats(pipe.transformer)
+    assert s["config"] == TaylorSeerConfig(interval=3, max_order=1, first_enhance=6)
+    assert 6 < s["steps"]["full"] < 12 and s["cache_hits"] > 0
+    which = (Path(__file__).parents[1] / "README.md").read_text().split("## Which method")[1].split("\n## ")[0]
+    assert "`enable(pipe)` without a config uses `TaylorSeerConfig(interval=3, max_order=1, first_enhance=6)`" in which
 
 
 def test_compiled_transformer_is_swapped_back_and_shared_parts_are_refused():

@@ -12,7 +12,8 @@ COMMITTED = sorted(p for p in RESULTS.glob("*.json") if not p.stem.endswith("_qu
 RERUN = {"speed": "speed", "compile": "compile", "dispatch": "dispatch", "subset_k": "subset_k",
          "fidelity": "fidelity", "fidelity_heldout": "fidelity --only-heldout", "flops": "flops",
          "context_parallel": "speed --world 2", "adaptive": "adaptive", "adaptive_heldout": "adaptive --heldout-only",
-         "two_thresholds": "two-thresholds", "adaptive_cond": "adaptive-cond", "flow_fidelity": "flow-fidelity"}
+         "two_thresholds": "two-thresholds", "adaptive_cond": "adaptive-cond", "flow_fidelity": "flow-fidelity",
+         "flow_front": "flow-front", "dit_front": "dit-front"}
 
 
 def test_every_results_file_is_known():

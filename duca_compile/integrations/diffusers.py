@@ -24,7 +24,7 @@ import torch
 
 from .. import _torch
 from ..backend import duca_backend
-from ..policies import CacheConfig, DuCaConfig
+from ..policies import DEFAULT_CONFIG, CacheConfig
 from ..policies.presets import presets
 from ..runtime import ModelState, PipelineDriver
 
@@ -86,7 +86,7 @@ def enable(pipe, config: CacheConfig | str | tuple | None = None, *, inner: str 
     """Turn on feature caching for a diffusers pipeline with a ``.transformer``; returns ``pipe``.
 
     config: a ``CacheConfig`` (``FORAConfig(interval=3)``, ``DuCaConfig()``, ...); ``None`` means
-        ``DuCaConfig()``; a preset (``duca_compile.presets``) as ``"model:method"``, ``(model, method)``
+        ``TaylorSeerConfig(interval=3, max_order=1, first_enhance=6)`` (why: README, "Which method"); a preset (``duca_compile.presets``) as ``"model:method"``, ``(model, method)``
         or just ``"method"``, the model then inferred from the transformer class (DiT ->
         ``dit-xl-2``, PixArt -> ``pixart-alpha``, Flux -> ``flux-dev``).
     inner, mode, options: how each variant is compiled (see ``duca_backend``); ``inner="eager"``
@@ -324,7 +324,7 @@ _NOT_CACHED = (
 
 def _resolve_config(config, transformer) -> CacheConfig:
     if config is None:
-        return DuCaConfig()
+        return DEFAULT_CONFIG
     if isinstance(config, CacheConfig):
         return config
     if isinstance(config, str):
