@@ -20,13 +20,14 @@ RESULTS = pathlib.Path(__file__).parent / "results"
 
 def commit() -> str:
     """The checkout's short commit, ``+dirty`` when the code that measures (``duca_compile/``,
-    ``benchmarks/`` outside ``results/``) differs from it; ``unknown`` outside a git checkout."""
+    ``benchmarks/`` outside ``results/`` and its Markdown) differs from it; ``unknown`` outside a
+    git checkout."""
     root = pathlib.Path(__file__).parent.parent
     try:
         sha = subprocess.run(["git", "rev-parse", "--short=10", "HEAD"], cwd=root, capture_output=True,
                              text=True, check=True).stdout.strip()
         changed = subprocess.run(["git", "status", "--porcelain", "--", "duca_compile", "benchmarks",
-                                  ":!benchmarks/results"], cwd=root, capture_output=True, text=True,
+                                  ":!benchmarks/results", ":!*.md"], cwd=root, capture_output=True, text=True,
                                  check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
