@@ -313,7 +313,11 @@ def _serve(conn, recipe: tuple, setup: Setup, spec: tuple) -> None:
     warnings.simplefilter("ignore")
     torch.set_grad_enabled(False)
     builder, args = recipe
-    entry = _entry(builder(*args), setup, spec)
+    try:
+        entry = _entry(builder(*args), setup, spec)
+    except Exception as err:  # noqa: BLE001 - reported to the parent, which raises it
+        conn.send(("error", _why(err)))
+        return
     conn.send(("ok", (entry.method, entry.knob, entry.library)))
     while True:
         what, *args = conn.recv()

@@ -293,6 +293,20 @@ def test_flow_front_times_duca_and_peers_round_robin_and_places_them():
     assert all(any(w in line for w in ("above", "equal", "below")) for line in lines)
 
 
+def test_best_at_gives_the_sharpest_caching_row_at_least_that_fast():
+    from benchmarks.flow_front import Row, best_at
+
+    def row(method, psnr, speedup, flops=0.5, library="duca"):
+        return Row(20, method, "-", library, psnr, 1.0, flops, 1.0, speedup, 1.0)
+
+    rows = [row("plain", 100.0, 1.0, flops=1.0, library="torch"), row("A", 40.0, 1.6), row("B", 35.0, 2.2),
+            row("C", 45.0, 1.9, library="cache-dit"), row("nothing cached", 99.0, 2.5, flops=1.0)]
+    assert best_at(rows, targets=(1.5, 2.0, 3.0)) == [
+        "- 20 steps, 1.5x or more: C - (cache-dit), 45.00 dB, 100.0% score, at 1.90x",
+        "- 20 steps, 2.0x or more: B - (duca), 35.00 dB, 100.0% score, at 2.20x",
+        "- 20 steps, 3.0x or more: no row"]
+
+
 def test_dit_front_runs_the_same_rows_on_the_digits_dit_with_a_peer_that_cannot_run_reported():
     """The DiT workload through the same path (untrained DiT, eager): FORA against diffusers'
     FirstBlockCache, and a peer that fails on this model is listed, not fatal."""
