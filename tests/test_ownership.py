@@ -44,10 +44,11 @@ def _alone(seed, config, ts, family="dit"):
 
 @pytest.fixture
 def bare_backend_eager(monkeypatch):
-    """The bare ``backend=duca_backend`` compiles with Inductor; the same path with eager variants."""
+    """The bare ``backend=duca_backend`` compiles ``DEFAULT_CONFIG`` with Inductor; the same path
+    with eager variants, and with ``DuCaConfig()``, the config the test compares against."""
     import duca_compile.backend as backend
 
-    monkeypatch.setattr(backend, "_DEFAULT", backend.DuCaBackend(inner="eager"))
+    monkeypatch.setattr(backend, "_DEFAULT", backend.DuCaBackend(DuCaConfig(), inner="eager"))
 
 
 @pytest.mark.smoke
