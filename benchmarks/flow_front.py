@@ -342,7 +342,7 @@ class _Remote(_Entry):
         self.process = context.Process(target=_serve, args=(child, work.recipe, setup, spec), daemon=True)
         self.process.start()
         self.method, self.knob, self.library = self._ask()
-        self.work, self.notes = work, ""
+        self.notes = ""
 
     def _ask(self, *message):
         if message:

@@ -86,9 +86,10 @@ def enable(pipe, config: CacheConfig | str | tuple | None = None, *, inner: str 
     """Turn on feature caching for a diffusers pipeline with a ``.transformer``; returns ``pipe``.
 
     config: a ``CacheConfig`` (``FORAConfig(interval=3)``, ``DuCaConfig()``, ...); ``None`` means
-        ``TaylorSeerConfig(interval=3, max_order=1, first_enhance=6)`` (why: README, "Which method"); a preset (``duca_compile.presets``) as ``"model:method"``, ``(model, method)``
-        or just ``"method"``, the model then inferred from the transformer class (DiT ->
-        ``dit-xl-2``, PixArt -> ``pixart-alpha``, Flux -> ``flux-dev``).
+        ``policies.DEFAULT_CONFIG`` (TaylorSeer N=3, order 1, 6 full steps first; why: README, "Which
+        method"); a preset (``duca_compile.presets``) as ``"model:method"``, ``(model, method)`` or
+        just ``"method"``, the model then inferred from the transformer class (DiT -> ``dit-xl-2``,
+        PixArt -> ``pixart-alpha``, Flux -> ``flux-dev``).
     inner, mode, options: how each variant is compiled (see ``duca_backend``); ``inner="eager"``
         compiles nothing but the cache rewrites, for tests and debugging.
     fullgraph: passed to ``torch.compile``; shapes are always static (``dynamic=False``), one graph per
